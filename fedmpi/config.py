@@ -1,0 +1,190 @@
+"""The run's configuration: one dataclass, its defaults, and its validation.
+
+Every field is a command-line flag (``max_seq_len`` -> ``--max-seq-len``) and a key of the
+YAML config file; the field's metadata is the flag's help text, so ``--help``, the config
+file and the results file all describe the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmpi.errors import UsageError
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class Config:
+    """Everything that determines a run. Defaults are the offline demo: a few minutes on 2 CPUs."""
+
+    # What to train on.
+    model: str = _opt(
+        "minilm",
+        "model: an alias (minilm, bert, albert, distilbert), a Hugging Face hub id, "
+        "or a local directory",
+    )
+    dataset: str = _opt(
+        "rotten_tomatoes",
+        "dataset: a built-in name, a hub id, or a local CSV/TSV/JSON/JSONL/parquet file or "
+        "directory",
+    )
+    dataset_config: str | None = _opt(None, "hub dataset configuration name (e.g. sst2 for glue)")
+    text_column: str | None = _opt(None, "text column (default: auto-detect 'text', 'sentence')")
+    label_column: str | None = _opt(None, "label column (default: auto-detect 'label', 'labels')")
+    test_fraction: float = _opt(
+        0.2, "fraction held out as the test set when the data has no test split"
+    )
+    train_samples: int | None = _opt(
+        2000,
+        "cap on the total training set, split among the clients (a seeded random subset); "
+        "'all' for no cap",
+        nullable="all",
+    )
+    test_samples: int | None = _opt(
+        1000, "cap on the test set (a seeded random subset); 'all' for no cap", nullable="all"
+    )
+    max_seq_len: int = _opt(64, "maximum tokens per example (longer ones are truncated)")
+
+    # Federation.
+    clients: int | None = _opt(
+        None, "number of federated clients (default: one per MPI rank)", nullable="ranks"
+    )
+    rounds: int = _opt(3, "federated rounds")
+    weighting: str = _opt(
+        "examples",
+        "FedAvg weights: 'examples' (shard size, FedAvg) or 'uniform' (plain mean)",
+        choices=("examples", "uniform"),
+    )
+
+    # Local training.
+    local_epochs: int = _opt(1, "local epochs per round on each client")
+    batch_size: int = _opt(16, "local training batch size")
+    lr: float = _opt(5e-5, "local learning rate")
+    optimizer: str = _opt("adamw", "local optimizer", choices=("sgd", "adamw"))
+    weight_decay: float = _opt(0.0, "weight decay of the local optimizer")
+    eval_batch_size: int = _opt(64, "evaluation batch size")
+    eval_every: int = _opt(1, "evaluate the global model every N rounds (the last always)")
+
+    # Where and how.
+    seed: int = _opt(42, "random seed (shards, data order, dropout, classifier head)")
+    device: str = _opt(
+        "auto", "device: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    threads: int | None = _opt(
+        None, "torch threads per rank (default: the rank's share of its node's cores)"
+    )
+    output: str | None = _opt(None, "output directory (default: runs/<date>-<model>-<dataset>)")
+    overwrite: bool = _opt(False, "allow writing into an output directory that holds results")
+    cache_dir: str | None = _opt(
+        None, "tokenized-data cache (default: $FEDMPI_CACHE or ~/.cache/fedmpi)"
+    )
+    save_model: bool = _opt(False, "save the final global model as a Hugging Face directory")
+    trust_remote_code: bool = _opt(False, "allow models whose code lives on the hub")
+    verify_sync: bool = _opt(
+        False, "after each round, check every rank holds bit-identical parameters"
+    )
+
+    def validate(self, world_size: int) -> None:
+        """Raise UsageError naming the first invalid value; cheap checks only (no I/O)."""
+        positive = ("rounds", "local_epochs", "batch_size", "eval_batch_size", "max_seq_len")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(
+                    f"--{_flag(name)} must be a positive integer, got {getattr(self, name)}"
+                )
+        for name in ("train_samples", "test_samples", "clients", "threads", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{_flag(name)} must be a positive integer, got {value}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.test_fraction < 1:
+            raise UsageError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        for name in ("weighting", "optimizer", "device"):
+            choices = _FIELDS[name].metadata["choices"]
+            value = getattr(self, name)
+            if value not in choices:
+                raise UsageError(
+                    f"--{_flag(name)} must be one of {', '.join(choices)}, got {value!r}"
+                )
+        if self.num_clients(world_size) < world_size:
+            raise UsageError(
+                f"{world_size} MPI ranks but only {self.clients} clients: "
+                f"{world_size - self.clients} ranks would have no work; "
+                f"launch with -np {self.clients} or raise --clients"
+            )
+        if self.train_samples is not None and self.train_samples < self.num_clients(world_size):
+            raise UsageError(
+                f"--train-samples {self.train_samples} is fewer than the "
+                f"{self.num_clients(world_size)} clients: every client needs an example"
+            )
+
+    def num_clients(self, world_size: int) -> int:
+        return self.clients if self.clients is not None else world_size
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str) -> Config:
+        """Build from a mapping (a YAML file); keys may use dashes or underscores."""
+        known = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in _FIELDS:
+                raise UsageError(f"{source}: unknown key {key!r}")
+            known[name] = value if value is None else parse_value(name, value)
+        return cls(**known)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_type(name: str) -> type:
+    """The scalar type of a field (int, float, bool or str), from its annotation."""
+    annotation = str(_FIELDS[name].type)
+    for kind in (bool, int, float):
+        if annotation.startswith(kind.__name__):
+            return kind
+    return str
+
+
+def parse_value(name: str, raw: Any) -> Any:
+    """Convert a flag's or a YAML key's value to the field's type, or raise UsageError."""
+    kind = field_type(name)
+    nullable = _FIELDS[name].metadata.get("nullable")
+    if nullable is not None and str(raw).lower() == nullable:
+        return None
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("true", "yes", "1", "on"):
+            return True
+        if str(raw).lower() in ("false", "no", "0", "off"):
+            return False
+        raise UsageError(f"--{_flag(name)} expects true or false, got {raw!r}")
+    try:
+        if kind is int:
+            return int(raw) if isinstance(raw, float) and raw.is_integer() else int(str(raw), 10)
+        return kind(raw)
+    except ValueError:
+        expected = {int: "an integer", float: "a number", str: "a string"}[kind]
+        hint = f" or '{nullable}'" if nullable else ""
+        raise UsageError(f"--{_flag(name)} expects {expected}{hint}, got {raw!r}") from None
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The Config fields, in declaration order (the order of --help)."""
+    return list(_FIELDS.values())

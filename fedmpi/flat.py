@@ -1,0 +1,52 @@
+"""The flat parameter buffer: every trainable float parameter is a view into one tensor.
+
+Aggregation then touches one contiguous fp32 buffer (one Allreduce, one scale, one copy)
+instead of hundreds of tensors, and nothing is concatenated or unpacked per round.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FlatParameters:
+    """Re-points a model's trainable parameters into one contiguous fp32 buffer.
+
+    Move the model to its device *before* flattening: ``model.to()`` afterwards would
+    replace the views with fresh tensors. Frozen parameters and integer buffers (position
+    ids) stay outside the buffer: they never change, so they are never averaged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+        if not params:
+            raise ValueError("the model has no trainable floating-point parameters")
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.names = [names[id(p)] for p in params]
+        self.shapes = [p.shape for p in params]
+        self.offsets = []
+        total = sum(p.numel() for p in params)
+        self.buffer = torch.empty(total, dtype=torch.float32, device=params[0].device)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            view = self.buffer[offset : offset + n].view_as(p)
+            view.copy_(p.data)
+            p.data = view
+            self.offsets.append(offset)
+            offset += n
+        self.params = params
+
+    @property
+    def numel(self) -> int:
+        return self.buffer.numel()
+
+    def is_intact(self) -> bool:
+        """True while every parameter still aliases the buffer (nothing re-allocated them)."""
+        base = self.buffer.data_ptr()
+        item = self.buffer.element_size()
+        return all(
+            p.data_ptr() == base + off * item
+            for p, off in zip(self.params, self.offsets, strict=True)
+        )

@@ -1,0 +1,288 @@
+"""The federated run, top to bottom: set-up, then the round loop.
+
+A round is: every rank trains its clients locally from the same global model, summing
+``w_k * theta_k``; one Allreduce sums those over ranks; every rank applies the same FedAvg
+step; the test set is evaluated shard-wise with one more small Allreduce.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmpi import data, models
+from fedmpi.batching import DeviceRows
+from fedmpi.client import client_seed, train_client
+from fedmpi.comm import World, collectively, log, select_device, usable_cores, wait_for_all
+from fedmpi.config import Config
+from fedmpi.errors import UsageError
+from fedmpi.evaluate import evaluate
+from fedmpi.fedavg import WeightedAllreduce, fedavg_step
+from fedmpi.flat import FlatParameters
+from fedmpi.partition import assign_clients, iid_shards, subsample
+from fedmpi.results import RESULTS_NAME, ResultsWriter
+
+
+def run(cfg: Config, world: World) -> None:
+    n_clients = cfg.num_clients(world.size)
+
+    # --- Placement: one device per rank, threads so co-located ranks share the cores.
+    device = collectively(world, lambda: select_device(world, cfg.device))
+    threads = cfg.threads or usable_cores(world)
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    models.quiet_transformers()
+    log(
+        world,
+        f"{world.size} ranks, {n_clients} clients, device {device}"
+        + (f", {threads} torch threads per rank" if device == "cpu" else ""),
+    )
+
+    # --- Output directory, chosen and checked by rank 0 before any heavy work.
+    out_dir = Path(world.comm.bcast(_output_dir(cfg) if world.is_root else None, root=0))
+    collectively(world, lambda: _check_output(out_dir, cfg) if world.is_root else None)
+
+    # --- Data: rank 0 tokenizes once into the HDF5 cache; every rank reads its own rows.
+    def prepare_cache() -> Path | None:
+        if not world.is_root:
+            return None
+        tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+        path = data.cache_path(cfg, tokenizer)
+        if path.exists():
+            log(world, f"data: cached tokens {path}")
+        else:
+            log(world, f"data: loading {cfg.dataset!r}, tokenizing into {path}")
+            data.build_cache(cfg, tokenizer, path, progress=lambda msg: log(world, f"data: {msg}"))
+        return path
+
+    cache = Path(world.comm.bcast(collectively(world, prepare_cache), root=0))
+    info = collectively(world, lambda: _read_info_everywhere(cache))
+    n_classes = len(info.label_names)
+
+    train_rows = subsample(info.n_train, cfg.train_samples, cfg.seed)
+    collectively(world, lambda: _check_enough(len(train_rows), n_clients))
+    shards = iid_shards(train_rows, n_clients, cfg.seed)
+    sizes = [len(shard) for shard in shards]
+    assignment = assign_clients(sizes, world.size)
+    my_clients = assignment[world.rank]
+    weights = sizes if cfg.weighting == "examples" else [1] * n_clients
+    client_rank = {k: r for r, clients in enumerate(assignment) for k in clients}
+    all_test_rows = subsample(info.n_test, cfg.test_samples, cfg.seed)
+    test_rows = np.array_split(all_test_rows, world.size)[world.rank]
+
+    def load_local_data() -> tuple[dict[int, DeviceRows], DeviceRows]:
+        train = {
+            k: DeviceRows.from_rows(data.read_rows(cache, "train", shards[k]), device)
+            for k in my_clients
+        }
+        return train, DeviceRows.from_rows(data.read_rows(cache, "test", test_rows), device)
+
+    local_train, local_test = collectively(world, load_local_data)
+    log(
+        world,
+        f"data: {len(train_rows)} training examples in {n_clients} IID shards of "
+        f"{min(sizes)}-{max(sizes)}, {len(all_test_rows)} test examples, "
+        f"{n_classes} classes {info.label_names}",
+    )
+
+    # --- Model: rank 0 loads first (it may download), then the others from the local cache.
+    def load_model() -> torch.nn.Module:
+        torch.manual_seed(cfg.seed)
+        model = models.load_model(cfg.model, info.label_names, cfg.trust_remote_code)
+        limit = models.max_positions(model)
+        if limit is not None and cfg.max_seq_len > limit:
+            raise UsageError(
+                f"--max-seq-len {cfg.max_seq_len} exceeds the model's {limit} positions"
+            )
+        return model
+
+    model = None
+    for rank_zero_phase in (True, False):
+        loaded = collectively(
+            world, lambda first=rank_zero_phase: load_model() if world.is_root == first else None
+        )
+        if loaded is not None:
+            model = loaded
+    _broadcast_parameters(model, world)  # identical start even if initialisation differs by host
+    model.to(device)
+    flat = FlatParameters(model)
+    log(
+        world,
+        f"model: {cfg.model} ({type(model).__name__}, {flat.numel / 1e6:.1f}M trainable "
+        f"parameters, {flat.numel * 4 / 2**20:.0f} MiB Allreduce payload)",
+    )
+
+    # --- Round state, allocated once.
+    aggregator = WeightedAllreduce(world, flat.numel, device, n_metrics=2)
+    round_start = torch.empty_like(flat.buffer) if len(my_clients) > 1 else None
+    writer = None
+    if world.is_root:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = ResultsWriter(
+            out_dir / RESULTS_NAME,
+            cfg,
+            info.label_names,
+            sizes,
+            [client_rank[k] for k in range(n_clients)],
+        )
+
+    for round_ in range(1, cfg.rounds + 1):
+        t_round = time.perf_counter()
+
+        # Local training: each of this rank's clients starts from the round's global model.
+        aggregator.reset()
+        if round_start is not None:
+            round_start.copy_(flat.buffer)
+        for i, client in enumerate(my_clients):
+            if i > 0:
+                flat.buffer.copy_(round_start)
+            result = train_client(
+                model,
+                flat.params,
+                local_train[client],
+                cfg,
+                client_seed(cfg.seed, client, round_),
+                progress=lambda step, total, loss, c=client, r=round_: log(
+                    world, f"round {r}/{cfg.rounds} client {c}: step {step}/{total} loss {loss:.4f}"
+                ),
+            )
+            aggregator.add(flat.buffer, weights[client], [result.loss_sum, result.samples_seen])
+        _synchronize(device)
+        t_trained = time.perf_counter()
+
+        # Aggregation: wait (sleeping) for the slowest rank, then one Allreduce + FedAvg step.
+        wait_for_all(world)
+        t_ready = time.perf_counter()
+        weighted_sum, total_weight, (loss_sum, samples_seen) = aggregator.allreduce()
+        fedavg_step(flat.buffer, weighted_sum, total_weight)
+        _synchronize(device)
+        t_aggregated = time.perf_counter()
+
+        # Evaluation of the new global model, sharded over ranks.
+        evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
+        scores = (
+            evaluate(model, local_test, n_classes, cfg.eval_batch_size, world)
+            if evaluated
+            else None
+        )
+        t_evaluated = time.perf_counter()
+
+        row = {
+            "round": round_,
+            "metrics/train_loss": loss_sum / samples_seen,
+            "metrics/test_accuracy": scores.accuracy if scores else np.nan,
+            "metrics/test_loss": scores.loss if scores else np.nan,
+            "metrics/test_macro_f1": scores.macro_f1 if scores else np.nan,
+            "timing/train_s": t_trained - t_round,
+            "timing/wait_s": t_ready - t_trained,
+            "timing/allreduce_s": t_aggregated - t_ready,
+            "timing/eval_s": t_evaluated - t_aggregated,
+            "timing/round_s": t_evaluated - t_round,
+        }
+        if cfg.verify_sync:
+            row["sync/param_crc32"] = _verify_identical(flat.buffer, world)
+        if writer is not None:
+            writer.append(row)
+        log(world, _round_summary(round_, cfg.rounds, row))
+
+    # --- Finish.
+    if writer is not None:
+        writer.close()
+        if cfg.save_model:
+            _save_model(model, cfg, out_dir / "model")
+    final = f"final test accuracy {scores.accuracy:.4f}, " if scores else ""
+    log(world, f"done: {final}results in {out_dir / RESULTS_NAME}")
+
+
+def _output_dir(cfg: Config) -> str:
+    if cfg.output:
+        return str(Path(cfg.output).expanduser())
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    slug = "-".join(Path(x).name.replace("_", "-") for x in (cfg.model, cfg.dataset))
+    return str(Path("runs") / f"{stamp}-{slug}")
+
+
+def _check_output(out_dir: Path, cfg: Config) -> None:
+    if (out_dir / RESULTS_NAME).exists() and not cfg.overwrite:
+        raise UsageError(
+            f"{out_dir} already holds {RESULTS_NAME}: pass --overwrite or another --output"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".fedmpi-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output directory {out_dir} is not writable: {exc.strerror}") from exc
+
+
+def _read_info_everywhere(cache: Path) -> data.CacheInfo:
+    if not cache.exists():
+        raise UsageError(
+            f"the token cache {cache} written by rank 0 is not visible here: put "
+            "--cache-dir on a filesystem that every node shares"
+        )
+    return data.read_info(cache)
+
+
+def _check_enough(n_examples: int, n_clients: int) -> None:
+    if n_examples < n_clients:
+        raise UsageError(
+            f"{n_examples} training examples cannot give each of {n_clients} clients one"
+        )
+
+
+def _broadcast_parameters(model: torch.nn.Module, world: World) -> None:
+    """Rank 0's initial trainable weights everywhere (once, at start-up, on the CPU)."""
+    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+    vector = torch.nn.utils.parameters_to_vector(params).detach().contiguous()
+    world.comm.Bcast(vector.numpy(), root=0)
+    torch.nn.utils.vector_to_parameters(vector, params)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _verify_identical(buffer: torch.Tensor, world: World) -> np.ndarray:
+    """Every rank's CRC32 of its parameter bytes; raises if any rank differs."""
+    mine = np.array([zlib.crc32(buffer.detach().cpu().numpy().view(np.uint8))], dtype=np.int64)
+    every = np.empty(world.size, dtype=np.int64)
+    world.comm.Allgather(mine, every)
+    if len(set(every.tolist())) != 1:
+        raise RuntimeError(
+            f"ranks hold different global parameters after aggregation: CRC32 {every.tolist()}"
+        )
+    return every
+
+
+def _round_summary(round_: int, rounds: int, row: dict) -> str:
+    test = (
+        f"test acc {row['metrics/test_accuracy']:.4f} f1 {row['metrics/test_macro_f1']:.4f} "
+        f"loss {row['metrics/test_loss']:.4f} | "
+        if not np.isnan(row["metrics/test_accuracy"])
+        else ""
+    )
+    return (
+        f"round {round_}/{rounds} | train loss {row['metrics/train_loss']:.4f} | {test}"
+        f"{row['timing/round_s']:.1f}s (train {row['timing/train_s']:.1f}, wait "
+        f"{row['timing/wait_s']:.2f}, allreduce {row['timing/allreduce_s']:.3f}, eval "
+        f"{row['timing/eval_s']:.1f})"
+    )
+
+
+def _save_model(model: torch.nn.Module, cfg: Config, path: Path) -> None:
+    """A Hugging Face directory (safetensors) loadable with ``from_pretrained``.
+
+    The state dict is cloned: the parameters are views into one flat buffer, and
+    safetensors refuses (or transformers de-duplicates) tensors that share storage.
+    """
+    state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+    model.save_pretrained(path, state_dict=state)
+    models.load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(path)
