@@ -80,7 +80,7 @@ def _argparse_value(name: str, raw: str) -> Any:
     try:
         return parse_value(name, raw)
     except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc).split(" expects ", 1)[-1]) from None
+        raise argparse.ArgumentTypeError(str(exc).split(" ", 1)[-1]) from None  # drop "--flag"
 
 
 def parse_config(argv: list[str] | None, world_size: int, is_root: bool = True) -> Config:

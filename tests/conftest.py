@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny BERT, a learnable toy corpus, and an ``mpiexec`` launcher.
+
+MPI tests launch real ``mpiexec`` subprocesses (the venv's MPICH by default, or
+``$FEDMPI_MPIEXEC``) under a timeout, so a hang fails the test instead of the CI job.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "delightful"]
+NEGATIVE = ["bad", "awful", "terrible", "poor", "dreadful", "boring"]
+FILLER = ["the", "movie", "was", "plot", "actor", "scene", "really", "quite", "a", "story"]
+
+
+def mpiexec_command() -> list[str]:
+    exe = os.environ.get("FEDMPI_MPIEXEC") or str(Path(sys.executable).with_name("mpiexec"))
+    if not Path(exe).exists():
+        exe = shutil.which("mpiexec") or "mpiexec"
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return [exe, "--oversubscribe"] if "Open MPI" in version or "OpenRTE" in version else [exe]
+
+
+@dataclass
+class Completed:
+    returncode: int
+    output: str
+
+
+def run_mpi(np_: int, args: list[str], timeout: float = 240, env: dict | None = None) -> Completed:
+    """``mpiexec -n np_ python ARGS`` with offline hubs; a hang past ``timeout`` fails."""
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    command = [*mpiexec_command(), "-n", str(np_), sys.executable, *args]
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        pytest.fail(f"mpiexec -n {np_} hung for {timeout}s: {command}\n{out[-3000:]}")
+    return Completed(proc.returncode, proc.stdout + proc.stderr)
+
+
+def minilm_dir() -> Path:
+    from fedmpi.models import resolve_model
+
+    return Path(resolve_model("minilm"))
+
+
+def save_tiny_bert(path: Path, dropout: float) -> Path:
+    """A 2-layer, 32-wide random BERT classifier with MiniLM's real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+
+
+def toy_rows(n: int, seed: int) -> list[tuple[str, int]]:
+    """Sentences whose label is whether they hold a positive or a negative word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(FILLER, k=rng.randint(3, 12))
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_dataset(tmp_path_factory) -> Path:
+    """A directory with train.csv (400 rows) and test.csv (200 rows)."""
+    root = tmp_path_factory.mktemp("toy-data")
+    write_csv(root / "train.csv", toy_rows(400, seed=1))
+    write_csv(root / "test.csv", toy_rows(200, seed=2))
+    return root

@@ -1,0 +1,89 @@
+"""Loading corpora, label mapping, the HDF5 token cache and row reads."""
+
+import h5py
+import numpy as np
+import pytest
+from conftest import minilm_dir, toy_rows, write_csv
+from transformers import AutoTokenizer
+
+from fedmpi.config import Config
+from fedmpi.data import build_cache, cache_path, load_text_splits, read_info, read_rows
+from fedmpi.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def test_builtin_rotten_tomatoes_has_a_fixed_split():
+    splits = load_text_splits(Config(dataset="rotten_tomatoes"))
+    assert splits.label_names == ["fresh", "rotten"]
+    assert len(splits.train_texts) + len(splits.test_texts) == 12808  # 'plot' rows dropped
+    assert len(splits.test_texts) == round(12808 * 0.2)
+    again = load_text_splits(Config(dataset="rotten_tomatoes", seed=7))
+    assert again.test_texts == splits.test_texts  # independent of --seed
+
+
+def test_string_labels_map_to_sorted_ids(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("review,stars\nnice,pos\nmeh,neg\nfine,pos\nugh,neg\nok,mid\n")
+    splits = load_text_splits(
+        Config(dataset=str(path), text_column="review", label_column="stars", test_fraction=0.4)
+    )
+    assert splits.label_names == ["mid", "neg", "pos"]
+    names = np.array(splits.label_names)
+    texts = splits.train_texts + splits.test_texts
+    labels = names[np.concatenate([splits.train_labels, splits.test_labels])]
+    assert dict(zip(texts, labels, strict=True)) == {
+        "nice": "pos",
+        "meh": "neg",
+        "fine": "pos",
+        "ugh": "neg",
+        "ok": "mid",
+    }
+
+
+@pytest.mark.parametrize(
+    "content,extra,message",
+    [
+        ("", {}, "is empty"),
+        ("words,label\na,1\nb,0\n", {}, "no text column found among \\['words', 'label'\\]"),
+        ("text,label\na,1\nb,0\n", {"label_column": "stars"}, "label column 'stars' not found"),
+        ("text,label\na,1\nb,1\n", {}, "has 1 label value"),
+    ],
+)
+def test_bad_data_files_are_usage_errors(tmp_path, content, extra, message):
+    path = tmp_path / "data.csv"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        load_text_splits(Config(dataset=str(path), **extra))
+
+
+def test_cache_holds_token_ids_and_reads_rows_in_any_order(tmp_path, tokenizer):
+    data = write_csv(tmp_path / "train.csv", toy_rows(50, seed=0))
+    cfg = Config(dataset=str(data), max_seq_len=16, cache_dir=str(tmp_path / "cache"))
+    path = cache_path(cfg, tokenizer)
+    build_cache(cfg, tokenizer, path, progress=lambda message: None)
+    info = read_info(path)
+    assert info.n_train + info.n_test == 50 and info.label_names == ["0", "1"]
+    with h5py.File(path) as f:
+        ids, lengths = f["train/input_ids"][()], f["train/lengths"][()]
+    assert ids.dtype == np.int32 and ids.shape == (info.n_train, 16)
+    assert np.all(ids[np.arange(16)[None, :] >= lengths[:, None]] == tokenizer.pad_token_id)
+    splits = load_text_splits(cfg)
+    expected = tokenizer(splits.train_texts[3], truncation=True, max_length=16)["input_ids"]
+    assert list(ids[3, : lengths[3]]) == expected
+
+    rows = np.array([7, 0, 39, 3, 3, 20])
+    got = read_rows(path, "train", rows, block=8)  # several blocks, repeats, any order
+    assert np.array_equal(got.input_ids, ids[rows]) and np.array_equal(got.lengths, lengths[rows])
+
+
+def test_cache_key_changes_with_max_length_and_tokenizer(tmp_path, tokenizer):
+    base = Config(dataset="rotten_tomatoes", cache_dir=str(tmp_path))
+    other = Config(dataset="rotten_tomatoes", cache_dir=str(tmp_path), max_seq_len=128)
+    assert cache_path(base, tokenizer) != cache_path(other, tokenizer)
+    assert cache_path(base, tokenizer) == cache_path(
+        Config(dataset="rotten_tomatoes", cache_dir=str(tmp_path), seed=9), tokenizer
+    )

@@ -1,0 +1,11 @@
+"""FedAvg over MPI equals an independent serial weighted average, at np = 1, 2 and 4."""
+
+import pytest
+from conftest import SCRIPTS, run_mpi
+
+
+@pytest.mark.parametrize("np_", [1, 2, 4])
+def test_fedavg_matches_serial_weighted_average(np_):
+    result = run_mpi(np_, [str(SCRIPTS / "check_fedavg.py")], timeout=120)
+    assert result.returncode == 0, result.output
+    assert f"FEDAVG OK np={np_}" in result.output
