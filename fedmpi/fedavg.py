@@ -43,20 +43,29 @@ class WeightedAllreduce:
         # (counts stay exact below 2**24 examples per round).
         self.metrics = np.zeros(n_metrics, dtype=np.float64)
         self.weight = 0.0
+        self.clients = 0
 
     def reset(self) -> None:
-        self.payload.zero_()
+        """Start a round. The payload itself is overwritten by the first ``add``."""
         self.metrics[:] = 0.0
         self.weight = 0.0
+        self.clients = 0
 
     def add(self, params: torch.Tensor, weight: float, metrics: Sequence[float]) -> None:
         """Add one client's parameters with its FedAvg weight, and its metric sums."""
-        self.payload[: self.numel].add_(params, alpha=weight)
+        head = self.payload[: self.numel]
+        if self.clients == 0:
+            torch.mul(params, weight, out=head)  # one pass instead of zero + add
+        else:
+            head.add_(params, alpha=weight)
+        self.clients += 1
         self.weight += weight
         self.metrics += np.asarray(metrics, dtype=np.float64)
 
     def allreduce(self) -> tuple[torch.Tensor, float, np.ndarray]:
         """Sum over all ranks; returns (sum of w_k*theta_k, sum of w_k, metric sums)."""
+        if self.clients == 0:
+            self.payload.zero_()  # a rank without a client this round still joins, with zeros
         tail = np.concatenate(([self.weight], self.metrics)).astype(np.float32)
         self.payload[self.numel :].copy_(torch.from_numpy(tail))
         if self.host is not None:

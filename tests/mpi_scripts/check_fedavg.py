@@ -1,6 +1,6 @@
 """Under mpiexec: fedmpi's aggregation equals a serial numpy weighted average.
 
-Four clients with uneven shard sizes are spread over however many ranks run this; each
+Five clients with uneven shard sizes are spread over however many ranks run this; each
 client's parameters are a seeded perturbation of one tiny BERT. Every rank checks the
 global model against float64 numpy arithmetic done independently of fedmpi.
 """
@@ -16,7 +16,7 @@ from fedmpi.fedavg import WeightedAllreduce, fedavg_step
 from fedmpi.flat import FlatParameters
 from fedmpi.partition import assign_clients
 
-SIZES = [3, 10, 1, 7]  # uneven shards: weights must follow them
+SIZES = [3, 10, 1, 7, 4]  # uneven shards: weights must follow them
 
 
 def client_params(base: np.ndarray, client: int) -> np.ndarray:
@@ -40,25 +40,28 @@ def main() -> None:
         base = flat.buffer.numpy().copy()
 
         aggregator = WeightedAllreduce(world, flat.numel, "cpu", n_metrics=1)
-        aggregator.reset()
-        for client in assign_clients(SIZES, world.size)[world.rank]:
-            flat.buffer.copy_(torch.from_numpy(client_params(base, client)))
-            aggregator.add(flat.buffer, SIZES[client], [100.0 + client])
-        weighted_sum, total_weight, metrics = aggregator.allreduce()
-        fedavg_step(flat.buffer, weighted_sum, total_weight)
+        mine = assign_clients(SIZES, world.size)[world.rank]
+        # Round 1: every client. Round 2: a cohort of two, so some ranks contribute zeros.
+        for cohort in (range(len(SIZES)), (1, 3)):
+            aggregator.reset()
+            for client in (k for k in mine if k in cohort):
+                flat.buffer.copy_(torch.from_numpy(client_params(base, client)))
+                aggregator.add(flat.buffer, SIZES[client], [100.0 + client])
+            weighted_sum, total_weight, metrics = aggregator.allreduce()
+            fedavg_step(flat.buffer, weighted_sum, total_weight)
 
-        expected = sum(
-            SIZES[k] * client_params(base, k).astype(np.float64) for k in range(len(SIZES))
-        ) / sum(SIZES)
-        got = flat.buffer.numpy().astype(np.float64)
-        error = np.max(np.abs(got - expected))
-        assert total_weight == sum(SIZES), total_weight
-        assert metrics[0] == sum(100.0 + k for k in range(len(SIZES))), metrics
-        assert np.allclose(got, expected, rtol=1e-6, atol=1e-6), f"max abs error {error}"
-        # The model sees the result: its parameters are views into the flat buffer.
-        first = next(model.parameters()).detach().numpy().ravel()
-        assert np.array_equal(first, got[: first.size].astype(np.float32))
-        assert flat.is_intact()
+            expected = sum(
+                SIZES[k] * client_params(base, k).astype(np.float64) for k in cohort
+            ) / sum(SIZES[k] for k in cohort)
+            got = flat.buffer.numpy().astype(np.float64)
+            error = np.max(np.abs(got - expected))
+            assert total_weight == sum(SIZES[k] for k in cohort), total_weight
+            assert metrics[0] == sum(100.0 + k for k in cohort), metrics
+            assert np.allclose(got, expected, rtol=1e-6, atol=1e-6), f"max abs error {error}"
+            # The model sees the result: its parameters are views into the flat buffer.
+            first = next(model.parameters()).detach().numpy().ravel()
+            assert np.array_equal(first, got[: first.size].astype(np.float32))
+            assert flat.is_intact()
         if world.rank == 0:
             print(f"FEDAVG OK np={world.size} max_abs_error={error:.3g}", flush=True)
 
