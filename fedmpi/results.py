@@ -1,6 +1,7 @@
 """The results file (``OUTPUT/results.h5``), written by rank 0 only.
 
-Layout: root attribute ``config`` (the run's Config as JSON) and ``label_names``; datasets
+Layout: root attributes ``config`` (the run's Config as JSON), ``label_names``,
+``num_clients`` and ``world_size``; datasets
 ``clients/sizes`` and ``clients/rank``; one value per round in ``metrics/*`` and
 ``timing/*`` (``round`` holds the round numbers). Rows are appended and flushed every
 round, so a killed job keeps the rounds it finished.
@@ -65,6 +66,7 @@ def read_results(path: str | Path) -> dict[str, np.ndarray | dict]:
     with h5py.File(path, "r") as f:
         out["config"] = json.loads(f.attrs["config"])
         out["label_names"] = json.loads(f.attrs["label_names"])
+        out["attrs"] = {k: v for k, v in f.attrs.items() if k not in ("config", "label_names")}
         f.visititems(
             lambda name, obj: (
                 out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None

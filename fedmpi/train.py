@@ -129,6 +129,7 @@ def run(cfg: Config, world: World) -> None:
             info.label_names,
             sizes,
             [client_rank[k] for k in range(n_clients)],
+            world.size,
         )
 
     for round_ in range(1, cfg.rounds + 1):
