@@ -18,9 +18,10 @@ import torch
 from mpi4py import MPI
 
 from fedmpi.comm import World
-from fedmpi.fedavg import WeightedAllreduce, fedavg_step
+from fedmpi.fedavg import WeightedAllreduce
 from fedmpi.flat import FlatParameters
 from fedmpi.models import load_model, quiet_transformers
+from fedmpi.server import ServerHyper, ServerOptimizer
 
 
 def best_of(repeats: int, comm: MPI.Comm, fn) -> float:
@@ -47,12 +48,13 @@ def main() -> None:
     flat = FlatParameters(load_model(args.model, ["a", "b"]))
     aggregator = WeightedAllreduce(world, flat.numel, "cpu", n_metrics=2)
     payload_bytes = aggregator.payload.numel() * 4
+    server = ServerOptimizer("fedavg", ServerHyper(), flat.buffer)
 
     def fedmpi_step() -> None:
         aggregator.reset()
         aggregator.add(flat.buffer, 100.0, [1.0, 2.0])
         summed, weight, _ = aggregator.allreduce()
-        fedavg_step(flat.buffer, summed, weight)
+        server.step(flat.buffer, flat.buffer, summed, weight)
 
     bare = np.ones(aggregator.payload.numel(), dtype=np.float32)
     copy_target = np.empty_like(bare)

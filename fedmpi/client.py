@@ -28,11 +28,20 @@ def client_seed(seed: int, client: int, round_: int) -> int:
 
 
 def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """A fresh local optimizer (its state is reset every round)."""
+    """A local optimizer: fresh every round, or one per client with --keep-local-opt."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # fused AdamW steps MiniLM ~10x faster than the default implementation on CPU.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def add_proximal_gradient(
+    params: list[nn.Parameter], anchor: list[torch.Tensor], mu: float
+) -> None:
+    """FedProx: the gradient of mu/2 ||w - w_global||^2 is mu (w - w_global)."""
+    for param, global_value in zip(params, anchor, strict=True):
+        if param.grad is not None:
+            param.grad.add_(param.detach(), alpha=mu).sub_(global_value, alpha=mu)
 
 
 def train_client(
@@ -41,15 +50,17 @@ def train_client(
     data: DeviceRows,
     cfg: Config,
     seed: int,
+    optimizer: torch.optim.Optimizer,
+    anchor: list[torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> ClientResult:
     """Fine-tune ``model`` in place on ``data`` for ``cfg.local_epochs`` epochs.
 
-    ``seed`` fixes the data order and the dropout masks; ``progress(step, total, loss)`` is
-    called at most every 15 seconds for long rounds.
+    ``seed`` fixes the data order and the dropout masks; ``anchor`` (the round's global
+    parameters) enables the FedProx term; ``progress(step, total, loss)`` is called at most
+    every 15 seconds for long rounds.
     """
     model.train()
-    optimizer = make_optimizer(cfg, params)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     n = len(data)
@@ -63,6 +74,8 @@ def train_client(
             inputs, labels = data.batch(order[start : start + cfg.batch_size])
             loss = model(**inputs, labels=labels).loss
             loss.backward()
+            if anchor is not None:
+                add_proximal_gradient(params, anchor, cfg.prox_mu)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().double() * labels.numel()

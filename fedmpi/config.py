@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedmpi.errors import UsageError
+from fedmpi.partition import PartitionSpec
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -56,11 +57,32 @@ class Config:
         None, "number of federated clients (default: one per MPI rank)", nullable="ranks"
     )
     rounds: int = _opt(3, "federated rounds")
+    clients_per_round: float | None = _opt(
+        None,
+        "clients sampled per round: a count, or a fraction of --clients in (0, 1); "
+        "'all' for every client",
+        nullable="all",
+    )
+    partition: str = _opt(
+        "iid",
+        "how examples are split among clients: iid, dirichlet:ALPHA, quantity:BETA, "
+        "by:COLUMN, label-sorted",
+    )
     weighting: str = _opt(
         "examples",
         "FedAvg weights: 'examples' (shard size, FedAvg) or 'uniform' (plain mean)",
         choices=("examples", "uniform"),
     )
+    server_opt: str = _opt(
+        "fedavg",
+        "server optimizer on the pseudo-gradient (global - average)",
+        choices=("fedavg", "avgm", "adam", "yogi", "adagrad"),
+    )
+    server_lr: float = _opt(1.0, "server learning rate (avgm, adam, yogi, adagrad)")
+    server_momentum: float = _opt(0.9, "server momentum of avgm")
+    server_beta1: float = _opt(0.9, "first-moment decay of adam, yogi, adagrad")
+    server_beta2: float = _opt(0.99, "second-moment decay of adam and yogi")
+    server_tau: float = _opt(1e-3, "adaptivity (epsilon) of adam, yogi, adagrad")
 
     # Local training.
     local_epochs: int = _opt(1, "local epochs per round on each client")
@@ -68,6 +90,12 @@ class Config:
     lr: float = _opt(5e-5, "local learning rate")
     optimizer: str = _opt("adamw", "local optimizer", choices=("sgd", "adamw"))
     weight_decay: float = _opt(0.0, "weight decay of the local optimizer")
+    prox_mu: float = _opt(0.0, "FedProx: weight of the proximal term mu/2 ||w - w_global||^2")
+    keep_local_opt: bool = _opt(
+        False,
+        "keep each client's local optimizer state across rounds (AdamW: 2 extra copies of "
+        "the parameters per client on its rank) instead of resetting it every round",
+    )
     eval_batch_size: int = _opt(64, "evaluation batch size")
     eval_every: int = _opt(1, "evaluate the global model every N rounds (the last always)")
 
@@ -108,7 +136,31 @@ class Config:
             raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.test_fraction < 1:
             raise UsageError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-        for name in ("weighting", "optimizer", "device"):
+        for name in ("server_lr", "server_tau"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("server_momentum", "server_beta1", "server_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.prox_mu < 0:
+            raise UsageError(f"--prox-mu must be >= 0, got {self.prox_mu}")
+        try:
+            PartitionSpec.parse(self.partition)
+        except ValueError as exc:
+            raise UsageError(f"--partition: {exc}") from None
+        if self.clients_per_round is not None:
+            per_round = self.clients_per_round
+            if not per_round > 0 or (per_round >= 1 and not float(per_round).is_integer()):
+                raise UsageError(
+                    "--clients-per-round must be a whole count or a fraction in (0, 1), "
+                    f"got {per_round}"
+                )
+            if per_round > self.num_clients(world_size):
+                raise UsageError(
+                    f"--clients-per-round {per_round:g} exceeds the "
+                    f"{self.num_clients(world_size)} clients"
+                )
+        for name in ("weighting", "optimizer", "device", "server_opt"):
             choices = _FIELDS[name].metadata["choices"]
             value = getattr(self, name)
             if value not in choices:
@@ -129,6 +181,15 @@ class Config:
 
     def num_clients(self, world_size: int) -> int:
         return self.clients if self.clients is not None else world_size
+
+    def cohort_size(self, world_size: int) -> int | None:
+        """Clients per round as a count (None: all of them)."""
+        per_round = self.clients_per_round
+        if per_round is None:
+            return None
+        if per_round < 1:
+            return max(1, round(per_round * self.num_clients(world_size)))
+        return int(per_round)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -79,10 +79,3 @@ class WeightedAllreduce:
             self.world.comm.Allreduce(MPI.IN_PLACE, self.payload.numpy(), op=MPI.SUM)
         tail_sums = self.payload[self.numel :].cpu().numpy().astype(np.float64)
         return self.payload[: self.numel], float(tail_sums[0]), tail_sums[1:]
-
-
-def fedavg_step(params: torch.Tensor, weighted_sum: torch.Tensor, total_weight: float) -> None:
-    """The FedAvg server step, run identically on every rank: params = sum(w*theta) / sum(w)."""
-    if not total_weight > 0:
-        raise RuntimeError("no client contributed to this round (total FedAvg weight is 0)")
-    torch.div(weighted_sum, total_weight, out=params)

@@ -42,6 +42,13 @@ class FlatParameters:
     def numel(self) -> int:
         return self.buffer.numel()
 
+    def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Views of another flat buffer shaped like the parameters (e.g. the global model)."""
+        return [
+            buffer[off : off + p.numel()].view_as(p)
+            for p, off in zip(self.params, self.offsets, strict=True)
+        ]
+
     def is_intact(self) -> bool:
         """True while every parameter still aliases the buffer (nothing re-allocated them)."""
         base = self.buffer.data_ptr()

@@ -1,10 +1,11 @@
 """The results file (``OUTPUT/results.h5``), written by rank 0 only.
 
 Layout: root attributes ``config`` (the run's Config as JSON), ``label_names``,
-``num_clients`` and ``world_size``; datasets
-``clients/sizes`` and ``clients/rank``; one value per round in ``metrics/*`` and
-``timing/*`` (``round`` holds the round numbers). Rows are appended and flushed every
-round, so a killed job keeps the rounds it finished.
+``num_clients``, ``world_size`` and ``layer_groups``; per-client datasets ``clients/sizes``,
+``clients/rank`` and ``clients/label_histogram``; one row per round in ``metrics/*``,
+``timing/*``, ``diagnostics/*`` and ``clients/cohort`` (``round`` holds the round
+numbers). Rows are appended and flushed every round, so a killed job keeps the rounds
+it finished.
 """
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ class ResultsWriter:
         path: Path,
         cfg: Config,
         label_names: list[str],
-        client_sizes: list[int],
-        client_ranks: list[int],
+        static: dict[str, np.ndarray],
+        attrs: dict[str, int | str],
     ):
+        """``static``: datasets written once (e.g. ``clients/sizes``); ``attrs``: root
+        attributes besides the config and label names."""
         self.file = h5py.File(path, "w")
         self.file.attrs["config"] = cfg.to_json()
         self.file.attrs["label_names"] = json.dumps(label_names)
-        self.file.create_dataset("clients/sizes", data=np.asarray(client_sizes, dtype=np.int64))
-        self.file.create_dataset("clients/rank", data=np.asarray(client_ranks, dtype=np.int64))
+        for key, value in attrs.items():
+            self.file.attrs[key] = value
+        for key, value in static.items():
+            self.file.create_dataset(key, data=np.asarray(value))
         self.file.flush()
 
     def append(self, values: dict[str, float | np.ndarray]) -> None:

@@ -1,14 +1,17 @@
 """The federated run, top to bottom: set-up, then the round loop.
 
-A round is: every rank trains its clients locally from the same global model, summing
-``w_k * theta_k``; one Allreduce sums those over ranks; every rank applies the same FedAvg
+A round is: the round's cohort of clients is drawn (the same on every rank); every rank
+trains its clients in the cohort locally from the same global model, summing
+``w_k * theta_k``; one Allreduce sums those over ranks; every rank applies the same server
 step; the test set is evaluated shard-wise with one more small Allreduce.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -17,20 +20,20 @@ import torch
 
 from fedmpi import data, models
 from fedmpi.batching import DeviceRows
-from fedmpi.client import client_seed, train_client
+from fedmpi.client import client_seed, make_optimizer, train_client
 from fedmpi.comm import World, collectively, log, select_device, usable_cores, wait_for_all
 from fedmpi.config import Config
+from fedmpi.diagnostics import UpdateDiagnostics
 from fedmpi.errors import UsageError
 from fedmpi.evaluate import evaluate
-from fedmpi.fedavg import WeightedAllreduce, fedavg_step
+from fedmpi.fedavg import WeightedAllreduce
 from fedmpi.flat import FlatParameters
-from fedmpi.partition import assign_clients, iid_shards, subsample
+from fedmpi.partition import PartitionSpec, assign_clients, make_shards, sample_cohort, subsample
 from fedmpi.results import RESULTS_NAME, ResultsWriter
+from fedmpi.server import ServerHyper, ServerOptimizer
 
 
 def run(cfg: Config, world: World) -> None:
-    n_clients = cfg.num_clients(world.size)
-
     # --- Placement: one device per rank, threads so co-located ranks share the cores.
     device = collectively(world, lambda: select_device(world, cfg.device))
     threads = cfg.threads or usable_cores(world)
@@ -39,7 +42,7 @@ def run(cfg: Config, world: World) -> None:
     models.quiet_transformers()
     log(
         world,
-        f"{world.size} ranks, {n_clients} clients, device {device}"
+        f"{world.size} ranks, {cfg.num_clients(world.size)} clients, device {device}"
         + (f", {threads} torch threads per rank" if device == "cpu" else ""),
     )
 
@@ -48,67 +51,30 @@ def run(cfg: Config, world: World) -> None:
     collectively(world, lambda: _check_output(out_dir, cfg) if world.is_root else None)
 
     # --- Data: rank 0 tokenizes once into the HDF5 cache; every rank reads its own rows.
-    def prepare_cache() -> Path | None:
-        if not world.is_root:
-            return None
-        tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-        path = data.cache_path(cfg, tokenizer)
-        if path.exists():
-            log(world, f"data: cached tokens {path}")
-        else:
-            log(world, f"data: loading {cfg.dataset!r}, tokenizing into {path}")
-            data.build_cache(cfg, tokenizer, path, progress=lambda msg: log(world, f"data: {msg}"))
-        return path
-
-    cache = Path(world.comm.bcast(collectively(world, prepare_cache), root=0))
+    cache = _prepare_cache(cfg, world)
     info = collectively(world, lambda: _read_info_everywhere(cache))
     n_classes = len(info.label_names)
-
-    train_rows = subsample(info.n_train, cfg.train_samples, cfg.seed)
-    collectively(world, lambda: _check_enough(len(train_rows), n_clients))
-    shards = iid_shards(train_rows, n_clients, cfg.seed)
-    sizes = [len(shard) for shard in shards]
-    assignment = assign_clients(sizes, world.size)
-    my_clients = assignment[world.rank]
-    weights = sizes if cfg.weighting == "examples" else [1] * n_clients
-    client_rank = {k: r for r, clients in enumerate(assignment) for k in clients}
+    plan = collectively(world, lambda: _plan_federation(cfg, world, cache, n_classes))
     all_test_rows = subsample(info.n_test, cfg.test_samples, cfg.seed)
     test_rows = np.array_split(all_test_rows, world.size)[world.rank]
 
     def load_local_data() -> tuple[dict[int, DeviceRows], DeviceRows]:
         train = {
-            k: DeviceRows.from_rows(data.read_rows(cache, "train", shards[k]), device)
-            for k in my_clients
+            k: DeviceRows.from_rows(data.read_rows(cache, "train", plan.shards[k]), device)
+            for k in plan.my_clients
         }
         return train, DeviceRows.from_rows(data.read_rows(cache, "test", test_rows), device)
 
     local_train, local_test = collectively(world, load_local_data)
     log(
         world,
-        f"data: {len(train_rows)} training examples in {n_clients} IID shards of "
-        f"{min(sizes)}-{max(sizes)}, {len(all_test_rows)} test examples, "
+        f"data: {sum(plan.sizes)} training examples in {plan.n_clients} {cfg.partition} "
+        f"shards of {min(plan.sizes)}-{max(plan.sizes)}, {len(all_test_rows)} test examples, "
         f"{n_classes} classes {info.label_names}",
     )
 
-    # --- Model: rank 0 loads first (it may download), then the others from the local cache.
-    def load_model() -> torch.nn.Module:
-        torch.manual_seed(cfg.seed)
-        model = models.load_model(cfg.model, info.label_names, cfg.trust_remote_code)
-        limit = models.max_positions(model)
-        if limit is not None and cfg.max_seq_len > limit:
-            raise UsageError(
-                f"--max-seq-len {cfg.max_seq_len} exceeds the model's {limit} positions"
-            )
-        return model
-
-    model = None
-    for rank_zero_phase in (True, False):
-        loaded = collectively(
-            world, lambda first=rank_zero_phase: load_model() if world.is_root == first else None
-        )
-        if loaded is not None:
-            model = loaded
-    _broadcast_parameters(model, world)  # identical start even if initialisation differs by host
+    # --- Model: identical on every rank, parameters flattened into one buffer.
+    model = _load_model(cfg, world, info.label_names)
     model.to(device)
     flat = FlatParameters(model)
     log(
@@ -119,50 +85,61 @@ def run(cfg: Config, world: World) -> None:
 
     # --- Round state, allocated once.
     aggregator = WeightedAllreduce(world, flat.numel, device, n_metrics=2)
-    round_start = torch.empty_like(flat.buffer) if len(my_clients) > 1 else None
-    writer = None
-    if world.is_root:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writer = ResultsWriter(
-            out_dir / RESULTS_NAME,
-            cfg,
-            info.label_names,
-            sizes,
-            [client_rank[k] for k in range(n_clients)],
-            world.size,
-        )
+    hyper = ServerHyper(
+        cfg.server_lr, cfg.server_momentum, cfg.server_beta1, cfg.server_beta2, cfg.server_tau
+    )
+    server = ServerOptimizer(cfg.server_opt, hyper, flat.buffer)
+    round_start = torch.empty_like(flat.buffer)  # the global model each round starts from
+    anchor = flat.views(round_start) if cfg.prox_mu > 0 else None
+    kept_optimizers: dict[int, torch.optim.Optimizer] = {}
+    diagnostics = UpdateDiagnostics(flat, plan.n_clients)
+    writer = _open_results(cfg, world, out_dir, info.label_names, plan, diagnostics.group_names)
 
     for round_ in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
+        cohort = sample_cohort(plan.n_clients, cfg.cohort_size(world.size), cfg.seed, round_)
+        active = [k for k in plan.my_clients if k in cohort]
 
-        # Local training: each of this rank's clients starts from the round's global model.
+        # Local training: each of this rank's active clients starts from the global model.
         aggregator.reset()
-        if round_start is not None:
-            round_start.copy_(flat.buffer)
-        for i, client in enumerate(my_clients):
+        diagnostics.start_round()
+        round_start.copy_(flat.buffer)
+        for i, client in enumerate(active):
             if i > 0:
                 flat.buffer.copy_(round_start)
+            optimizer = kept_optimizers.get(client)
+            if optimizer is None:
+                optimizer = make_optimizer(cfg, flat.params)
+                if cfg.keep_local_opt:
+                    kept_optimizers[client] = optimizer
             result = train_client(
                 model,
                 flat.params,
                 local_train[client],
                 cfg,
                 client_seed(cfg.seed, client, round_),
+                optimizer,
+                anchor,
                 progress=lambda step, total, loss, c=client, r=round_: log(
                     world, f"round {r}/{cfg.rounds} client {c}: step {step}/{total} loss {loss:.4f}"
                 ),
             )
-            aggregator.add(flat.buffer, weights[client], [result.loss_sum, result.samples_seen])
+            diagnostics.record_client(client, flat.buffer, round_start)
+            aggregator.add(
+                flat.buffer, plan.weights[client], [result.loss_sum, result.samples_seen]
+            )
         _synchronize(device)
         t_trained = time.perf_counter()
 
-        # Aggregation: wait (sleeping) for the slowest rank, then one Allreduce + FedAvg step.
+        # Aggregation: wait (sleeping) for the slowest rank, one Allreduce, the server step.
         wait_for_all(world)
         t_ready = time.perf_counter()
         weighted_sum, total_weight, (loss_sum, samples_seen) = aggregator.allreduce()
-        fedavg_step(flat.buffer, weighted_sum, total_weight)
+        mean_update = diagnostics.mean_update_sample(weighted_sum, total_weight, round_start)
+        server.step(flat.buffer, round_start, weighted_sum, total_weight)
         _synchronize(device)
         t_aggregated = time.perf_counter()
+        health = diagnostics.finish_round(world, cohort, mean_update, flat.buffer, round_start)
 
         # Evaluation of the new global model, sharded over ranks.
         evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
@@ -175,6 +152,7 @@ def run(cfg: Config, world: World) -> None:
 
         row = {
             "round": round_,
+            "clients/cohort": np.isin(np.arange(plan.n_clients), cohort).astype(np.int8),
             "metrics/train_loss": loss_sum / samples_seen,
             "metrics/test_accuracy": scores.accuracy if scores else np.nan,
             "metrics/test_loss": scores.loss if scores else np.nan,
@@ -184,6 +162,7 @@ def run(cfg: Config, world: World) -> None:
             "timing/allreduce_s": t_aggregated - t_ready,
             "timing/eval_s": t_evaluated - t_aggregated,
             "timing/round_s": t_evaluated - t_round,
+            **health,
         }
         if cfg.verify_sync:
             row["sync/param_crc32"] = _verify_identical(flat.buffer, world)
@@ -198,6 +177,126 @@ def run(cfg: Config, world: World) -> None:
             _save_model(model, cfg, out_dir / "model")
     final = f"final test accuracy {scores.accuracy:.4f}, " if scores else ""
     log(world, f"done: {final}results in {out_dir / RESULTS_NAME}")
+
+
+@dataclass
+class FederationPlan:
+    """Who trains what. Computed identically on every rank from (config, seed) alone."""
+
+    n_clients: int
+    shards: list[np.ndarray]  # training rows of each client
+    sizes: list[int]
+    weights: list[float]  # FedAvg weight of each client
+    label_histogram: np.ndarray  # (clients, classes)
+    client_rank: list[int]
+    my_clients: list[int]
+
+
+def _plan_federation(cfg: Config, world: World, cache: Path, n_classes: int) -> FederationPlan:
+    n_clients = cfg.num_clients(world.size)
+    rows = subsample(data.split_length(cache, "train"), cfg.train_samples, cfg.seed)
+    if len(rows) < n_clients:
+        raise UsageError(
+            f"{len(rows)} training examples cannot give each of {n_clients} clients one"
+        )
+    spec = PartitionSpec.parse(cfg.partition)
+    labels = data.read_column(cache, "train", "labels")
+    groups = data.read_groups(cache, spec.column) if spec.kind == "by" else None
+    try:
+        shards = make_shards(
+            spec, rows, labels[rows], None if groups is None else groups[rows], n_clients, cfg.seed
+        )
+    except ValueError as exc:
+        raise UsageError(f"--partition {cfg.partition}: {exc}") from None
+    sizes = [len(shard) for shard in shards]
+    assignment = assign_clients(sizes, world.size)
+    client_rank = [0] * n_clients
+    for rank, clients in enumerate(assignment):
+        for client in clients:
+            client_rank[client] = rank
+    return FederationPlan(
+        n_clients=n_clients,
+        shards=shards,
+        sizes=sizes,
+        weights=[float(s) for s in sizes] if cfg.weighting == "examples" else [1.0] * n_clients,
+        label_histogram=np.stack([np.bincount(labels[s], minlength=n_classes) for s in shards]),
+        client_rank=client_rank,
+        my_clients=assignment[world.rank],
+    )
+
+
+def _prepare_cache(cfg: Config, world: World) -> Path:
+    """Rank 0 loads and tokenizes the corpus once (or finds it cached); all get the path."""
+
+    def build() -> Path | None:
+        if not world.is_root:
+            return None
+        tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+        path = data.cache_path(cfg, tokenizer)
+        if path.exists():
+            log(world, f"data: cached tokens {path}")
+        else:
+            log(world, f"data: loading {cfg.dataset!r}, tokenizing into {path}")
+            data.build_cache(cfg, tokenizer, path, progress=lambda msg: log(world, f"data: {msg}"))
+        return path
+
+    return Path(world.comm.bcast(collectively(world, build), root=0))
+
+
+def _load_model(cfg: Config, world: World, label_names: list[str]) -> torch.nn.Module:
+    """Rank 0 loads first (it may download), then the others from the local cache; rank 0's
+    initial weights are then broadcast so every rank starts identical even where random
+    initialisation differs between hosts."""
+
+    def load() -> torch.nn.Module:
+        torch.manual_seed(cfg.seed)
+        model = models.load_model(cfg.model, label_names, cfg.trust_remote_code)
+        limit = models.max_positions(model)
+        if limit is not None and cfg.max_seq_len > limit:
+            raise UsageError(
+                f"--max-seq-len {cfg.max_seq_len} exceeds the model's {limit} positions"
+            )
+        return model
+
+    model = None
+    for rank_zero_phase in (True, False):
+        loaded = collectively(
+            world, lambda first=rank_zero_phase: load() if world.is_root == first else None
+        )
+        if loaded is not None:
+            model = loaded
+    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+    vector = torch.nn.utils.parameters_to_vector(params).detach().contiguous()
+    world.comm.Bcast(vector.numpy(), root=0)
+    torch.nn.utils.vector_to_parameters(vector, params)
+    return model
+
+
+def _open_results(
+    cfg: Config,
+    world: World,
+    out_dir: Path,
+    label_names: list[str],
+    plan: FederationPlan,
+    layer_groups: list[str],
+) -> ResultsWriter | None:
+    if not world.is_root:
+        return None
+    return ResultsWriter(
+        out_dir / RESULTS_NAME,
+        cfg,
+        label_names,
+        static={
+            "clients/sizes": np.asarray(plan.sizes),
+            "clients/rank": np.asarray(plan.client_rank),
+            "clients/label_histogram": plan.label_histogram,
+        },
+        attrs={
+            "num_clients": plan.n_clients,
+            "world_size": world.size,
+            "layer_groups": json.dumps(layer_groups),
+        },
+    )
 
 
 def _output_dir(cfg: Config) -> str:
@@ -231,21 +330,6 @@ def _read_info_everywhere(cache: Path) -> data.CacheInfo:
     return data.read_info(cache)
 
 
-def _check_enough(n_examples: int, n_clients: int) -> None:
-    if n_examples < n_clients:
-        raise UsageError(
-            f"{n_examples} training examples cannot give each of {n_clients} clients one"
-        )
-
-
-def _broadcast_parameters(model: torch.nn.Module, world: World) -> None:
-    """Rank 0's initial trainable weights everywhere (once, at start-up, on the CPU)."""
-    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
-    vector = torch.nn.utils.parameters_to_vector(params).detach().contiguous()
-    world.comm.Bcast(vector.numpy(), root=0)
-    torch.nn.utils.vector_to_parameters(vector, params)
-
-
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -258,17 +342,20 @@ def _verify_identical(buffer: torch.Tensor, world: World) -> np.ndarray:
     world.comm.Allgather(mine, every)
     if len(set(every.tolist())) != 1:
         raise RuntimeError(
-            f"ranks hold different global parameters after aggregation: CRC32 {every.tolist()}"
+            f"ranks hold different global parameters after aggregation: {every.tolist()}"
         )
     return every
 
 
 def _round_summary(round_: int, rounds: int, row: dict) -> str:
+    accuracy = row["metrics/test_accuracy"]
     test = (
-        f"test acc {row['metrics/test_accuracy']:.4f} f1 {row['metrics/test_macro_f1']:.4f} "
-        f"loss {row['metrics/test_loss']:.4f} | "
-        if not np.isnan(row["metrics/test_accuracy"])
-        else ""
+        ""
+        if np.isnan(accuracy)
+        else (
+            f"test acc {accuracy:.4f} f1 {row['metrics/test_macro_f1']:.4f} "
+            f"loss {row['metrics/test_loss']:.4f} | "
+        )
     )
     return (
         f"round {round_}/{rounds} | train loss {row['metrics/train_loss']:.4f} | {test}"

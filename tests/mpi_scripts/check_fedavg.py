@@ -12,9 +12,10 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from fedmpi.comm import World, abort_on_error
-from fedmpi.fedavg import WeightedAllreduce, fedavg_step
+from fedmpi.fedavg import WeightedAllreduce
 from fedmpi.flat import FlatParameters
 from fedmpi.partition import assign_clients
+from fedmpi.server import ServerHyper, ServerOptimizer
 
 SIZES = [3, 10, 1, 7, 4]  # uneven shards: weights must follow them
 
@@ -40,6 +41,7 @@ def main() -> None:
         base = flat.buffer.numpy().copy()
 
         aggregator = WeightedAllreduce(world, flat.numel, "cpu", n_metrics=1)
+        server = ServerOptimizer("fedavg", ServerHyper(), flat.buffer)
         mine = assign_clients(SIZES, world.size)[world.rank]
         # Round 1: every client. Round 2: a cohort of two, so some ranks contribute zeros.
         for cohort in (range(len(SIZES)), (1, 3)):
@@ -48,7 +50,7 @@ def main() -> None:
                 flat.buffer.copy_(torch.from_numpy(client_params(base, client)))
                 aggregator.add(flat.buffer, SIZES[client], [100.0 + client])
             weighted_sum, total_weight, metrics = aggregator.allreduce()
-            fedavg_step(flat.buffer, weighted_sum, total_weight)
+            server.step(flat.buffer, flat.buffer, weighted_sum, total_weight)
 
             expected = sum(
                 SIZES[k] * client_params(base, k).astype(np.float64) for k in cohort

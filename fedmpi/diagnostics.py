@@ -1,0 +1,98 @@
+"""Per-round health of the federation, for the question of why many clients can collapse.
+
+Logged every round at the cost of a few passes over the parameters:
+
+* each client's update norm ``|theta_k - g|`` (exact);
+* the cosine of each client's update to the weighted mean update, on a fixed strided
+  sample of at most 2**20 coordinates (exact for smaller models) so that each client's
+  update need not be kept in full;
+* the global update norm ``|g' - g|`` and, per layer group (embeddings, each encoder
+  layer, pooler, classifier), its relative change ``|g'_G - g_G| / |g_G|``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from fedmpi.comm import World
+from fedmpi.flat import FlatParameters
+
+SAMPLE_SIZE = 2**20
+_GROUP = re.compile(
+    r"(embeddings|layer\.\d+|albert_layer_groups\.\d+|pooler|pre_classifier|classifier)"
+)
+
+
+def layer_group(name: str) -> str:
+    match = _GROUP.search(name)
+    return match.group(1) if match else "other"
+
+
+class UpdateDiagnostics:
+    def __init__(self, flat: FlatParameters, n_clients: int) -> None:
+        self.flat = flat
+        self.n_clients = n_clients
+        self.stride = max(1, flat.numel // SAMPLE_SIZE)
+        self.group_names = list(dict.fromkeys(layer_group(n) for n in flat.names))
+        self.group_of_param = [self.group_names.index(layer_group(n)) for n in flat.names]
+        self.norms = np.zeros(n_clients)
+        self.samples: dict[int, torch.Tensor] = {}
+
+    def start_round(self) -> None:
+        self.norms[:] = 0.0
+        self.samples.clear()
+
+    def record_client(self, client: int, params: torch.Tensor, start: torch.Tensor) -> None:
+        """Call after client ``client`` trained, while ``params`` still holds its model."""
+        self.norms[client] = float(torch.dist(params, start))
+        self.samples[client] = params[:: self.stride] - start[:: self.stride]
+
+    def mean_update_sample(
+        self, weighted_sum: torch.Tensor, total_weight: float, start: torch.Tensor
+    ) -> torch.Tensor:
+        """The weighted mean update's sample; call before the server step reuses the sum."""
+        return weighted_sum[:: self.stride] / total_weight - start[:: self.stride]
+
+    def finish_round(
+        self,
+        world: World,
+        cohort: np.ndarray,
+        mean_sample: torch.Tensor,
+        new: torch.Tensor,
+        start: torch.Tensor,
+    ) -> dict[str, np.ndarray | float]:
+        """Gather every client's numbers (one small Allreduce) and the global ones."""
+        cosines = np.zeros(self.n_clients)
+        mean_norm = float(torch.linalg.vector_norm(mean_sample))
+        for client, sample in self.samples.items():
+            denominator = float(torch.linalg.vector_norm(sample)) * mean_norm
+            cosines[client] = (
+                float(torch.dot(sample, mean_sample)) / denominator if denominator else 0.0
+            )
+        gathered = np.concatenate([self.norms, cosines])
+        world.comm.Allreduce(MPI.IN_PLACE, gathered, op=MPI.SUM)
+        absent = np.ones(self.n_clients, dtype=bool)
+        absent[cohort] = False
+        norms, cosines = gathered[: self.n_clients], gathered[self.n_clients :]
+        norms[absent] = np.nan
+        cosines[absent] = np.nan
+
+        change = new - start
+        drift_sq = np.zeros(len(self.group_names))
+        size_sq = np.zeros(len(self.group_names))
+        for param, group, offset in zip(
+            self.flat.params, self.group_of_param, self.flat.offsets, strict=True
+        ):
+            n = param.numel()
+            drift_sq[group] += float(torch.linalg.vector_norm(change[offset : offset + n])) ** 2
+            size_sq[group] += float(torch.linalg.vector_norm(start[offset : offset + n])) ** 2
+        return {
+            "diagnostics/client_update_norm": norms,
+            "diagnostics/client_update_cosine": cosines,
+            "diagnostics/global_update_norm": float(np.sqrt(drift_sq.sum())),
+            "diagnostics/layer_drift": np.sqrt(drift_sq / np.maximum(size_sq, 1e-30)),
+        }
