@@ -1,0 +1,129 @@
+"""Clients independent of ranks, cohorts, partitions, FedProx, server optimizers (real MPI)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_mpi
+from test_train_mpi import fedmpi_args
+from transformers import AutoModelForSequenceClassification
+
+from fedmpi.partition import sample_cohort
+from fedmpi.results import read_results
+
+
+def run_fedmpi(np_, tiny_bert, toy_dataset, out, *extra):
+    args = fedmpi_args(tiny_bert, toy_dataset, out, out.parent / "cache", "--threads", 1, *extra)
+    result = run_mpi(np_, args)
+    assert result.returncode == 0, result.output
+    return read_results(out / "results.h5")
+
+
+def test_results_do_not_depend_on_the_number_of_ranks(tiny_bert, toy_dataset, tmp_path):
+    """K = 4 clients on 1, 2 and 4 ranks: same shards, data order and dropout per client."""
+    models, metrics = [], []
+    for np_ in (1, 2, 4):
+        out = tmp_path / f"np{np_}"
+        results = run_fedmpi(
+            np_,
+            tiny_bert,
+            toy_dataset,
+            out,
+            "--clients",
+            4,
+            "--rounds",
+            2,
+            "--lr",
+            "1e-3",
+            "--save-model",
+        )
+        assert results["attrs"]["world_size"] == np_
+        models.append(
+            AutoModelForSequenceClassification.from_pretrained(out / "model").state_dict()
+        )
+        metrics.append(
+            np.stack(
+                [
+                    results["metrics/test_accuracy"],
+                    results["metrics/test_loss"],
+                    results["metrics/train_loss"],
+                ]
+            )
+        )
+    for other, other_metrics in zip(models[1:], metrics[1:], strict=True):
+        for name, value in models[0].items():
+            assert torch.allclose(other[name], value, rtol=1e-5, atol=1e-6), name
+        np.testing.assert_allclose(other_metrics, metrics[0], atol=5e-5)
+
+
+def test_cohorts_partitions_and_histograms_are_logged(tiny_bert, toy_dataset, tmp_path):
+    results = run_fedmpi(
+        2,
+        tiny_bert,
+        toy_dataset,
+        tmp_path / "out",
+        "--clients",
+        6,
+        "--clients-per-round",
+        "0.5",
+        "--partition",
+        "dirichlet:0.5",
+        "--rounds",
+        3,
+        "--seed",
+        5,
+    )
+    cohort = results["clients/cohort"]
+    assert cohort.shape == (3, 6)
+    for round_, row in enumerate(cohort, start=1):
+        assert np.flatnonzero(row).tolist() == sample_cohort(6, 3, 5, round_).tolist()
+    sizes, histogram = results["clients/sizes"], results["clients/label_histogram"]
+    assert histogram.shape == (6, 2) and np.array_equal(histogram.sum(axis=1), sizes)
+    assert sizes.sum() == 400
+    norms = results["diagnostics/client_update_norm"]
+    assert np.array_equal(np.isnan(norms), cohort == 0)  # absent clients have no update
+    assert np.all(norms[cohort == 1] > 0)
+
+
+def test_fedprox_keeps_clients_near_the_global_model(tiny_bert, toy_dataset, tmp_path):
+    common = ("--clients", 2, "--rounds", 1, "--lr", "5e-3", "--local-epochs", 2)
+    plain = run_fedmpi(2, tiny_bert, toy_dataset, tmp_path / "plain", *common)
+    prox = run_fedmpi(
+        2, tiny_bert, toy_dataset, tmp_path / "prox", *common, "--prox-mu", 50, "--optimizer", "sgd"
+    )
+    sgd = run_fedmpi(2, tiny_bert, toy_dataset, tmp_path / "sgd", *common, "--optimizer", "sgd")
+    prox_norm = prox["diagnostics/client_update_norm"]
+    assert np.all(prox_norm < sgd["diagnostics/client_update_norm"])
+    assert np.all(np.isfinite(plain["diagnostics/client_update_cosine"]))
+    cosine = plain["diagnostics/client_update_cosine"]
+    assert np.all((cosine > 0) & (cosine <= 1 + 1e-6))
+
+
+VARIANT_COMMON = ("--clients", 2, "--rounds", 2, "--lr", "2e-3")
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_bert, toy_dataset, tmp_path_factory):
+    return run_fedmpi(
+        2, tiny_bert, toy_dataset, tmp_path_factory.mktemp("base") / "out", *VARIANT_COMMON
+    )
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ("--server-opt", "adam", "--server-lr", "0.01"),
+        ("--server-opt", "avgm"),
+        ("--keep-local-opt",),
+        ("--weighting", "uniform", "--partition", "quantity:0.5"),
+    ],
+)
+def test_algorithm_variants_train_and_change_the_result(
+    variant, baseline, tiny_bert, toy_dataset, tmp_path
+):
+    other = run_fedmpi(2, tiny_bert, toy_dataset, tmp_path / "out", *VARIANT_COMMON, *variant)
+    assert np.all(np.isfinite(other["metrics/train_loss"]))
+    assert not np.allclose(
+        other["diagnostics/global_update_norm"], baseline["diagnostics/global_update_norm"]
+    )
+    key = variant[0].lstrip("-").replace("-", "_")
+    assert other["config"][key] != baseline["config"][key]
