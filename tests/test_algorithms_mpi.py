@@ -7,6 +7,8 @@ from conftest import run_mpi
 from test_train_mpi import fedmpi_args
 from transformers import AutoModelForSequenceClassification
 
+from fedmpi.config import Config
+from fedmpi.data import load_text_splits
 from fedmpi.partition import sample_cohort
 from fedmpi.results import read_results
 
@@ -127,3 +129,22 @@ def test_algorithm_variants_train_and_change_the_result(
     )
     key = variant[0].lstrip("-").replace("-", "_")
     assert other["config"][key] != baseline["config"][key]
+
+
+def test_partition_by_a_natural_column_keeps_each_debate_on_one_client(tiny_bert, tmp_path):
+    """debates grouped by:debate (4 debates) over 4 clients: one whole debate per client."""
+    results = run_fedmpi(
+        2,
+        tiny_bert,
+        "debates",
+        tmp_path / "out",
+        "--clients",
+        4,
+        "--partition",
+        "by:debate",
+        "--rounds",
+        1,
+    )
+    train = load_text_splits(Config(dataset="debates", partition="by:debate"))
+    per_debate = sorted(np.unique(np.asarray(train.train_groups), return_counts=True)[1])
+    assert sorted(results["clients/sizes"]) == per_debate
