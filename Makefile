@@ -8,7 +8,7 @@ NP     ?= 4
 ARGS   ?=
 STAMP  := $(VENV)/.fedmpi-installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench grid clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check fedmpi tests bench
 	$(VENV)/bin/ruff format --check fedmpi tests bench
+
+## CPU-sized paper grid on the offline built-ins, then the report (see docs/reproducing.md);
+## shrink it with e.g. `make grid MODELS=minilm TASKS=rotten_tomatoes CLIENTS="1 2" ROUNDS=1`.
+grid: install
+	FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_grid.sh
 
 bench: install
 	$(PY) bench/round_split.py --mpiexec $(MPIEXEC)
