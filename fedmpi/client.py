@@ -20,6 +20,7 @@ class ClientResult:
     loss_sum: float  # sum of per-batch mean losses x batch sizes, over all local epochs
     samples_seen: int  # examples processed, over all local epochs
     steps: int
+    stopped: bool  # cut short by a stop request (preemption): the round is void
 
 
 def client_seed(seed: int, client: int, round_: int) -> int:
@@ -53,12 +54,13 @@ def train_client(
     optimizer: torch.optim.Optimizer,
     anchor: list[torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> ClientResult:
     """Fine-tune ``model`` in place on ``data`` for ``cfg.local_epochs`` epochs.
 
     ``seed`` fixes the data order and the dropout masks; ``anchor`` (the round's global
     parameters) enables the FedProx term; ``progress(step, total, loss)`` is called at most
-    every 15 seconds for long rounds.
+    every 15 seconds for long rounds; ``should_stop()`` is checked after every step.
     """
     model.train()
     generator = torch.Generator().manual_seed(seed)
@@ -83,9 +85,6 @@ def train_client(
             if progress is not None and time.monotonic() - last_report > 15:
                 progress(step, total_steps, float(loss.detach()))
                 last_report = time.monotonic()
-    return ClientResult(
-        examples=n,
-        loss_sum=float(loss_sum),
-        samples_seen=n * cfg.local_epochs,
-        steps=step,
-    )
+            if should_stop():
+                return ClientResult(n, float(loss_sum), n * cfg.local_epochs, step, stopped=True)
+    return ClientResult(n, float(loss_sum), n * cfg.local_epochs, step, stopped=False)

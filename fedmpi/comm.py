@@ -27,6 +27,7 @@ from mpi4py import MPI
 from fedmpi.errors import UsageError
 
 T = TypeVar("T")
+ABORT_GRACE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,11 @@ def report_error(world: World, error: BaseException) -> None:
     if isinstance(error, UsageError):
         print(f"fedmpi: error: {error}", file=sys.stderr, flush=True)
     else:
-        traceback.print_exception(error, file=sys.stderr)
+        # The one-line summary first: it is what a user needs if the job is torn down
+        # before the traceback is forwarded.
         print(f"fedmpi: {where}error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        traceback.print_exception(error, file=sys.stderr)
+        sys.stderr.flush()
 
 
 @contextmanager
@@ -123,6 +127,7 @@ def abort_on_error(world: World) -> Iterator[None]:
     except BaseException as exc:
         report_error(world, exc)
         if world.size > 1:
+            time.sleep(ABORT_GRACE_S)  # let the launcher forward this rank's last output
             world.comm.Abort(getattr(exc, "exit_code", 1))
         raise
 

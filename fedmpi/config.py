@@ -112,6 +112,15 @@ class Config:
     cache_dir: str | None = _opt(
         None, "tokenized-data cache (default: $FEDMPI_CACHE or ~/.cache/fedmpi)"
     )
+    checkpoint_every: int = _opt(
+        0, "write OUTPUT/checkpoint.h5 every N rounds (0: only when preempted)"
+    )
+    resume: bool = _opt(False, "resume from OUTPUT/checkpoint.h5 (automatic when OUTPUT holds one)")
+    on_nonfinite: str = _opt(
+        "abort",
+        "a client whose update is NaN/inf: 'abort' the job, or 'skip' it (weight 0, logged)",
+        choices=("abort", "skip"),
+    )
     save_model: bool = _opt(False, "save the final global model as a Hugging Face directory")
     trust_remote_code: bool = _opt(False, "allow models whose code lives on the hub")
     verify_sync: bool = _opt(
@@ -130,6 +139,10 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{_flag(name)} must be a positive integer, got {value}")
+        if self.checkpoint_every < 0:
+            raise UsageError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: choose one")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
@@ -160,7 +173,7 @@ class Config:
                     f"--clients-per-round {per_round:g} exceeds the "
                     f"{self.num_clients(world_size)} clients"
                 )
-        for name in ("weighting", "optimizer", "device", "server_opt"):
+        for name in ("weighting", "optimizer", "device", "server_opt", "on_nonfinite"):
             choices = _FIELDS[name].metadata["choices"]
             value = getattr(self, name)
             if value not in choices:

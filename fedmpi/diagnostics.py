@@ -12,6 +12,7 @@ Logged every round at the cost of a few passes over the parameters:
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -40,16 +41,27 @@ class UpdateDiagnostics:
         self.group_names = list(dict.fromkeys(layer_group(n) for n in flat.names))
         self.group_of_param = [self.group_names.index(layer_group(n)) for n in flat.names]
         self.norms = np.zeros(n_clients)
+        self.skipped = np.zeros(n_clients)
         self.samples: dict[int, torch.Tensor] = {}
 
     def start_round(self) -> None:
         self.norms[:] = 0.0
+        self.skipped[:] = 0.0
         self.samples.clear()
 
-    def record_client(self, client: int, params: torch.Tensor, start: torch.Tensor) -> None:
-        """Call after client ``client`` trained, while ``params`` still holds its model."""
-        self.norms[client] = float(torch.dist(params, start))
+    def record_client(self, client: int, params: torch.Tensor, start: torch.Tensor) -> bool:
+        """Call after client ``client`` trained, while ``params`` still holds its model.
+
+        Returns False when the update is not finite (its norm is NaN or inf: the check
+        costs nothing extra); such a client is recorded as skipped.
+        """
+        norm = float(torch.dist(params, start))
+        if not math.isfinite(norm):
+            self.skipped[client] = 1.0
+            return False
+        self.norms[client] = norm
         self.samples[client] = params[:: self.stride] - start[:: self.stride]
+        return True
 
     def mean_update_sample(
         self, weighted_sum: torch.Tensor, total_weight: float, start: torch.Tensor
@@ -73,11 +85,12 @@ class UpdateDiagnostics:
             cosines[client] = (
                 float(torch.dot(sample, mean_sample)) / denominator if denominator else 0.0
             )
-        gathered = np.concatenate([self.norms, cosines])
+        gathered = np.concatenate([self.norms, cosines, self.skipped])
         world.comm.Allreduce(MPI.IN_PLACE, gathered, op=MPI.SUM)
-        absent = np.ones(self.n_clients, dtype=bool)
+        norms, cosines, skipped = np.split(gathered, 3)
+        absent = np.ones(self.n_clients, dtype=bool)  # not sampled, or skipped as non-finite
         absent[cohort] = False
-        norms, cosines = gathered[: self.n_clients], gathered[self.n_clients :]
+        absent |= skipped > 0
         norms[absent] = np.nan
         cosines[absent] = np.nan
 
@@ -91,6 +104,7 @@ class UpdateDiagnostics:
             drift_sq[group] += float(torch.linalg.vector_norm(change[offset : offset + n])) ** 2
             size_sq[group] += float(torch.linalg.vector_norm(start[offset : offset + n])) ** 2
         return {
+            "clients/skipped": (skipped > 0).astype(np.int8),
             "diagnostics/client_update_norm": norms,
             "diagnostics/client_update_cosine": cosines,
             "diagnostics/global_update_norm": float(np.sqrt(drift_sq.sum())),

@@ -60,7 +60,11 @@ class WeightedAllreduce:
             head.add_(params, alpha=weight)
         self.clients += 1
         self.weight += weight
-        self.metrics += np.asarray(metrics, dtype=np.float64)
+        self.add_metrics(metrics)
+
+    def add_metrics(self, values: Sequence[float]) -> None:
+        """Add to the metric sums without a client (e.g. a rank's vote to stop)."""
+        self.metrics += np.asarray(values, dtype=np.float64)
 
     def allreduce(self) -> tuple[torch.Tensor, float, np.ndarray]:
         """Sum over all ranks; returns (sum of w_k*theta_k, sum of w_k, metric sums)."""

@@ -41,6 +41,21 @@ class ResultsWriter:
             self.file.create_dataset(key, data=np.asarray(value))
         self.file.flush()
 
+    @classmethod
+    def reopen(cls, path: Path, rounds_done: int) -> ResultsWriter:
+        """Continue a resumed run's file: per-round rows past ``rounds_done`` (written after
+        the checkpoint) are dropped, so every round appears exactly once."""
+        writer = cls.__new__(cls)
+        writer.file = h5py.File(path, "a")
+
+        def truncate(name: str, obj: h5py.HLObject) -> None:
+            if isinstance(obj, h5py.Dataset) and obj.attrs.get("per_round"):
+                obj.resize(min(rounds_done, obj.shape[0]), axis=0)
+
+        writer.file.visititems(truncate)
+        writer.file.flush()
+        return writer
+
     def append(self, values: dict[str, float | np.ndarray]) -> None:
         """Append one round: keys are dataset paths such as ``metrics/test_accuracy``.
 
@@ -55,7 +70,7 @@ class ResultsWriter:
                     maxshape=(None, *row.shape),
                     dtype=row.dtype,
                     chunks=True,
-                )
+                ).attrs["per_round"] = 1
             dataset = self.file[key]
             dataset.resize(dataset.shape[0] + 1, axis=0)
             dataset[-1] = row

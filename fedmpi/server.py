@@ -80,3 +80,12 @@ class ServerOptimizer:
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint (empty for FedAvg, which keeps no state)."""
         return {k: t for k, t in (("m", self.m), ("v", self.v)) if t is not None}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        mine = self.state()
+        if set(state) != set(mine):
+            raise ValueError(
+                f"server state holds {sorted(state)}, {self.name} needs {sorted(mine)}"
+            )
+        for name, tensor in mine.items():
+            tensor.copy_(state[name])

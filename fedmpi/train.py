@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmpi import data, models
+from fedmpi import checkpoint, data, faults, models
 from fedmpi.batching import DeviceRows
 from fedmpi.client import client_seed, make_optimizer, train_client
 from fedmpi.comm import World, collectively, log, select_device, usable_cores, wait_for_all
@@ -29,6 +29,7 @@ from fedmpi.evaluate import evaluate
 from fedmpi.fedavg import WeightedAllreduce
 from fedmpi.flat import FlatParameters
 from fedmpi.partition import PartitionSpec, assign_clients, make_shards, sample_cohort, subsample
+from fedmpi.preemption import EXIT_PREEMPTED, StopRequest
 from fedmpi.results import RESULTS_NAME, ResultsWriter
 from fedmpi.server import ServerHyper, ServerOptimizer
 
@@ -46,9 +47,14 @@ def run(cfg: Config, world: World) -> None:
         + (f", {threads} torch threads per rank" if device == "cpu" else ""),
     )
 
-    # --- Output directory, chosen and checked by rank 0 before any heavy work.
+    # --- Output directory, chosen and checked by rank 0 before any heavy work; a checkpoint
+    # there means this run continues an interrupted one.
     out_dir = Path(world.comm.bcast(_output_dir(cfg) if world.is_root else None, root=0))
-    collectively(world, lambda: _check_output(out_dir, cfg) if world.is_root else None)
+    resuming = world.comm.bcast(
+        collectively(world, lambda: _check_output(out_dir, cfg) if world.is_root else None), root=0
+    )
+    stop = StopRequest()
+    stop.install()
 
     # --- Data: rank 0 tokenizes once into the HDF5 cache; every rank reads its own rows.
     cache = _prepare_cache(cfg, world)
@@ -65,7 +71,11 @@ def run(cfg: Config, world: World) -> None:
         }
         return train, DeviceRows.from_rows(data.read_rows(cache, "test", test_rows), device)
 
-    local_train, local_test = collectively(world, load_local_data)
+    def load_local_data_or_fail() -> tuple[dict[int, DeviceRows], DeviceRows]:
+        faults.inject(world.rank, 0, "setup")
+        return load_local_data()
+
+    local_train, local_test = collectively(world, load_local_data_or_fail)
     log(
         world,
         f"data: {sum(plan.sizes)} training examples in {plan.n_clients} {cfg.partition} "
@@ -84,7 +94,7 @@ def run(cfg: Config, world: World) -> None:
     )
 
     # --- Round state, allocated once.
-    aggregator = WeightedAllreduce(world, flat.numel, device, n_metrics=2)
+    aggregator = WeightedAllreduce(world, flat.numel, device, n_metrics=3)  # loss, seen, stop
     hyper = ServerHyper(
         cfg.server_lr, cfg.server_momentum, cfg.server_beta1, cfg.server_beta2, cfg.server_tau
     )
@@ -93,9 +103,21 @@ def run(cfg: Config, world: World) -> None:
     anchor = flat.views(round_start) if cfg.prox_mu > 0 else None
     kept_optimizers: dict[int, torch.optim.Optimizer] = {}
     diagnostics = UpdateDiagnostics(flat, plan.n_clients)
-    writer = _open_results(cfg, world, out_dir, info.label_names, plan, diagnostics.group_names)
+    checkpoint_path = out_dir / checkpoint.CHECKPOINT_NAME
+    rounds_done = _resume(cfg, world, checkpoint_path, flat, server) if resuming else 0
+    writer = _open_results(
+        cfg, world, out_dir, info.label_names, plan, diagnostics.group_names, rounds_done
+    )
 
-    for round_ in range(1, cfg.rounds + 1):
+    def save_checkpoint(round_done: int, params: torch.Tensor) -> None:
+        if world.is_root:
+            state = {k: v.cpu().numpy() for k, v in server.state().items()}
+            checkpoint.save(
+                checkpoint_path, cfg, checkpoint.Checkpoint(round_done, params.cpu().numpy(), state)
+            )
+
+    scores = None
+    for round_ in range(rounds_done + 1, cfg.rounds + 1):
         t_round = time.perf_counter()
         cohort = sample_cohort(plan.n_clients, cfg.cohort_size(world.size), cfg.seed, round_)
         active = [k for k in plan.my_clients if k in cohort]
@@ -105,6 +127,9 @@ def run(cfg: Config, world: World) -> None:
         diagnostics.start_round()
         round_start.copy_(flat.buffer)
         for i, client in enumerate(active):
+            faults.inject(world.rank, round_, "train")
+            if stop.requested:
+                break
             if i > 0:
                 flat.buffer.copy_(round_start)
             optimizer = kept_optimizers.get(client)
@@ -123,18 +148,36 @@ def run(cfg: Config, world: World) -> None:
                 progress=lambda step, total, loss, c=client, r=round_: log(
                     world, f"round {r}/{cfg.rounds} client {c}: step {step}/{total} loss {loss:.4f}"
                 ),
+                should_stop=lambda: stop.requested,
             )
-            diagnostics.record_client(client, flat.buffer, round_start)
+            if result.stopped:
+                break
+            if faults.should_fail(world.rank, round_, "nan"):
+                flat.buffer.fill_(float("nan"))
+            if not diagnostics.record_client(client, flat.buffer, round_start):
+                _nonfinite(cfg, world, client, round_)
+                continue
             aggregator.add(
-                flat.buffer, plan.weights[client], [result.loss_sum, result.samples_seen]
+                flat.buffer, plan.weights[client], [result.loss_sum, result.samples_seen, 0]
             )
         _synchronize(device)
         t_trained = time.perf_counter()
 
         # Aggregation: wait (sleeping) for the slowest rank, one Allreduce, the server step.
+        faults.inject(world.rank, round_, "aggregate")
+        aggregator.add_metrics([0, 0, float(stop.requested)])
         wait_for_all(world)
         t_ready = time.perf_counter()
-        weighted_sum, total_weight, (loss_sum, samples_seen) = aggregator.allreduce()
+        weighted_sum, total_weight, (loss_sum, samples_seen, stop_votes) = aggregator.allreduce()
+        if stop_votes > 0:  # some rank was signalled: this round is void, keep the last one
+            flat.buffer.copy_(round_start)
+            save_checkpoint(round_ - 1, flat.buffer)
+            log(
+                world,
+                f"preempted in round {round_}: checkpoint of round {round_ - 1} in "
+                f"{checkpoint_path}; exiting with {EXIT_PREEMPTED} (rerun to resume)",
+            )
+            raise SystemExit(EXIT_PREEMPTED)
         mean_update = diagnostics.mean_update_sample(weighted_sum, total_weight, round_start)
         server.step(flat.buffer, round_start, weighted_sum, total_weight)
         _synchronize(device)
@@ -143,6 +186,7 @@ def run(cfg: Config, world: World) -> None:
 
         # Evaluation of the new global model, sharded over ranks.
         evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
+        faults.inject(world.rank, round_, "eval")
         scores = (
             evaluate(model, local_test, n_classes, cfg.eval_batch_size, world)
             if evaluated
@@ -167,7 +211,10 @@ def run(cfg: Config, world: World) -> None:
         if cfg.verify_sync:
             row["sync/param_crc32"] = _verify_identical(flat.buffer, world)
         if writer is not None:
+            faults.inject(world.rank, round_, "results")
             writer.append(row)
+        if cfg.checkpoint_every and round_ % cfg.checkpoint_every == 0:
+            save_checkpoint(round_, flat.buffer)
         log(world, _round_summary(round_, cfg.rounds, row))
 
     # --- Finish.
@@ -175,6 +222,8 @@ def run(cfg: Config, world: World) -> None:
         writer.close()
         if cfg.save_model:
             _save_model(model, cfg, out_dir / "model")
+    if rounds_done >= cfg.rounds:
+        log(world, f"the checkpoint already holds all {cfg.rounds} rounds: nothing to train")
     final = f"final test accuracy {scores.accuracy:.4f}, " if scores else ""
     log(world, f"done: {final}results in {out_dir / RESULTS_NAME}")
 
@@ -279,9 +328,12 @@ def _open_results(
     label_names: list[str],
     plan: FederationPlan,
     layer_groups: list[str],
+    rounds_done: int,
 ) -> ResultsWriter | None:
     if not world.is_root:
         return None
+    if rounds_done and (out_dir / RESULTS_NAME).exists():
+        return ResultsWriter.reopen(out_dir / RESULTS_NAME, rounds_done)
     return ResultsWriter(
         out_dir / RESULTS_NAME,
         cfg,
@@ -299,6 +351,39 @@ def _open_results(
     )
 
 
+def _resume(
+    cfg: Config, world: World, path: Path, flat: FlatParameters, server: ServerOptimizer
+) -> int:
+    """Load OUTPUT's checkpoint on rank 0 (verified), broadcast it, return rounds done."""
+    loaded = collectively(
+        world, lambda: checkpoint.load(path, cfg, flat.numel) if world.is_root else None
+    )
+    rounds_done = world.comm.bcast(loaded.round if loaded else None, root=0)
+    names = world.comm.bcast(sorted(loaded.server_state) if loaded else None, root=0)
+    arrays = {"params": loaded.params} if loaded else {"params": np.empty(flat.numel, np.float32)}
+    for name in names:
+        arrays[name] = loaded.server_state[name] if loaded else np.empty(flat.numel, np.float32)
+    for array in arrays.values():
+        world.comm.Bcast(array, root=0)
+    flat.buffer.copy_(torch.from_numpy(arrays.pop("params")))
+    server.load_state(
+        {name: torch.from_numpy(a).to(flat.buffer.device) for name, a in arrays.items()}
+    )
+    log(
+        world,
+        f"resuming from {path}: {rounds_done} rounds done"
+        + (" (local optimizer states restart from zero)" if cfg.keep_local_opt else ""),
+    )
+    return rounds_done
+
+
+def _nonfinite(cfg: Config, world: World, client: int, round_: int) -> None:
+    message = f"client {client} produced non-finite parameters in round {round_}"
+    if cfg.on_nonfinite == "abort":
+        raise RuntimeError(f"{message} (--on-nonfinite skip would drop it and go on)")
+    print(f"[fedmpi] rank {world.rank}: {message}: skipped (weight 0)", flush=True)
+
+
 def _output_dir(cfg: Config) -> str:
     if cfg.output:
         return str(Path(cfg.output).expanduser())
@@ -307,11 +392,20 @@ def _output_dir(cfg: Config) -> str:
     return str(Path("runs") / f"{stamp}-{slug}")
 
 
-def _check_output(out_dir: Path, cfg: Config) -> None:
-    if (out_dir / RESULTS_NAME).exists() and not cfg.overwrite:
+def _check_output(out_dir: Path, cfg: Config) -> bool:
+    """Whether this run resumes from OUTPUT's checkpoint; refuses to clobber results."""
+    has_checkpoint = (out_dir / checkpoint.CHECKPOINT_NAME).exists()
+    if cfg.resume and not has_checkpoint:
         raise UsageError(
-            f"{out_dir} already holds {RESULTS_NAME}: pass --overwrite or another --output"
+            f"--resume: {out_dir} holds no {checkpoint.CHECKPOINT_NAME} to resume from"
         )
+    if not has_checkpoint and (out_dir / RESULTS_NAME).exists() and not cfg.overwrite:
+        raise UsageError(
+            f"{out_dir} already holds {RESULTS_NAME} and no checkpoint: pass --overwrite or "
+            "another --output"
+        )
+    if cfg.overwrite and has_checkpoint:
+        (out_dir / checkpoint.CHECKPOINT_NAME).unlink()  # never resume a replaced run later
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".fedmpi-write-test"
@@ -319,6 +413,7 @@ def _check_output(out_dir: Path, cfg: Config) -> None:
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"output directory {out_dir} is not writable: {exc.strerror}") from exc
+    return has_checkpoint and not cfg.overwrite
 
 
 def _read_info_everywhere(cache: Path) -> data.CacheInfo:
