@@ -96,11 +96,19 @@ class Config:
         "keep each client's local optimizer state across rounds (AdamW: 2 extra copies of "
         "the parameters per client on its rank) instead of resetting it every round",
     )
+    group_by_length: bool = _opt(
+        False, "batch examples of similar length together (less padding, same epoch coverage)"
+    )
     eval_batch_size: int = _opt(64, "evaluation batch size")
     eval_every: int = _opt(1, "evaluate the global model every N rounds (the last always)")
 
     # Where and how.
     seed: int = _opt(42, "random seed (shards, data order, dropout, classifier head)")
+    precision: str = _opt(
+        "fp32",
+        "compute precision of local training and evaluation (weights and averaging stay fp32)",
+        choices=("fp32", "bf16", "fp16"),
+    )
     device: str = _opt(
         "auto", "device: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda")
     )
@@ -173,7 +181,7 @@ class Config:
                     f"--clients-per-round {per_round:g} exceeds the "
                     f"{self.num_clients(world_size)} clients"
                 )
-        for name in ("weighting", "optimizer", "device", "server_opt", "on_nonfinite"):
+        for name in ("weighting", "optimizer", "device", "server_opt", "on_nonfinite", "precision"):
             choices = _FIELDS[name].metadata["choices"]
             value = getattr(self, name)
             if value not in choices:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
+from fedmpi import precision
 from fedmpi.batching import DeviceRows
 from fedmpi.comm import World, wait_for_all
 
@@ -23,7 +24,9 @@ class EvalResult:
     examples: int
 
 
-def local_counts(model: nn.Module, data: DeviceRows, n_classes: int, batch_size: int) -> np.ndarray:
+def local_counts(
+    model: nn.Module, data: DeviceRows, n_classes: int, batch_size: int, compute: str = "fp32"
+) -> np.ndarray:
     """This rank's ``[confusion matrix (C*C, true-major) | loss sum]`` as float64."""
     confusion = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=data.labels.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.labels.device)
@@ -34,7 +37,8 @@ def local_counts(model: nn.Module, data: DeviceRows, n_classes: int, batch_size:
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             inputs, labels = data.batch(order[start : start + batch_size])
-            logits = model(**inputs).logits.float()
+            with precision.autocast(compute, str(data.labels.device)):
+                logits = model(**inputs).logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             predicted = logits.argmax(dim=-1)
             confusion += torch.bincount(labels * n_classes + predicted, minlength=n_classes**2)
@@ -59,9 +63,14 @@ def metrics_from_counts(counts: np.ndarray, n_classes: int) -> EvalResult:
 
 
 def evaluate(
-    model: nn.Module, data: DeviceRows, n_classes: int, batch_size: int, world: World
+    model: nn.Module,
+    data: DeviceRows,
+    n_classes: int,
+    batch_size: int,
+    world: World,
+    compute: str = "fp32",
 ) -> EvalResult:
-    counts = local_counts(model, data, n_classes, batch_size)
+    counts = local_counts(model, data, n_classes, batch_size, compute)
     wait_for_all(world)
     world.comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
     return metrics_from_counts(counts, n_classes)

@@ -29,16 +29,27 @@ class WeightedAllreduce:
     directly.
     """
 
-    def __init__(self, world: World, numel: int, device: torch.device | str, n_metrics: int):
+    def __init__(
+        self,
+        world: World,
+        numel: int,
+        device: torch.device | str,
+        n_metrics: int,
+        staged: bool | None = None,
+    ):
+        """``staged``: reduce through a host copy (default: on GPU unless CUDA-aware)."""
         self.world = world
         self.numel = numel
         self.n_metrics = n_metrics
         self.payload = torch.zeros(numel + 1 + n_metrics, dtype=torch.float32, device=device)
         on_gpu = self.payload.device.type == "cuda"
-        cuda_aware = os.environ.get(CUDA_AWARE_ENV, "0") == "1"
+        if staged is None:
+            staged = on_gpu and os.environ.get(CUDA_AWARE_ENV, "0") != "1"
         self.host: torch.Tensor | None = None
-        if on_gpu and not cuda_aware:
-            self.host = torch.empty_like(self.payload, device="cpu").pin_memory()
+        if staged:
+            host = torch.empty_like(self.payload, device="cpu")
+            # Pinned memory makes the device<->host copies DMA at full speed.
+            self.host = host.pin_memory() if torch.cuda.is_available() else host
         # Metric sums are accumulated on the host and travel in the payload's fp32 tail
         # (counts stay exact below 2**24 examples per round).
         self.metrics = np.zeros(n_metrics, dtype=np.float64)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmpi import checkpoint, data, faults, models
+from fedmpi import checkpoint, data, faults, models, precision
 from fedmpi.batching import DeviceRows
 from fedmpi.client import client_seed, make_optimizer, train_client
 from fedmpi.comm import World, collectively, log, select_device, usable_cores, wait_for_all
@@ -36,7 +36,12 @@ from fedmpi.server import ServerHyper, ServerOptimizer
 
 def run(cfg: Config, world: World) -> None:
     # --- Placement: one device per rank, threads so co-located ranks share the cores.
-    device = collectively(world, lambda: select_device(world, cfg.device))
+    def place() -> str:
+        device = select_device(world, cfg.device)
+        precision.check(cfg.precision, device)
+        return device
+
+    device = collectively(world, place)
     threads = cfg.threads or usable_cores(world)
     if device == "cpu":
         torch.set_num_threads(threads)
@@ -188,7 +193,7 @@ def run(cfg: Config, world: World) -> None:
         evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
         faults.inject(world.rank, round_, "eval")
         scores = (
-            evaluate(model, local_test, n_classes, cfg.eval_batch_size, world)
+            evaluate(model, local_test, n_classes, cfg.eval_batch_size, world, cfg.precision)
             if evaluated
             else None
         )

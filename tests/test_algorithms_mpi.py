@@ -116,6 +116,8 @@ def baseline(tiny_bert, toy_dataset, tmp_path_factory):
         ("--server-opt", "adam", "--server-lr", "0.01"),
         ("--server-opt", "avgm"),
         ("--keep-local-opt",),
+        ("--precision", "bf16"),
+        ("--group-by-length",),
         ("--weighting", "uniform", "--partition", "quantity:0.5"),
     ],
 )

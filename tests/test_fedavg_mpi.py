@@ -9,3 +9,9 @@ def test_fedavg_matches_serial_weighted_average(np_):
     result = run_mpi(np_, [str(SCRIPTS / "check_fedavg.py")], timeout=120)
     assert result.returncode == 0, result.output
     assert f"FEDAVG OK np={np_}" in result.output
+
+
+def test_host_staged_allreduce_equals_direct():
+    result = run_mpi(2, [str(SCRIPTS / "check_staging.py")], timeout=120)
+    assert result.returncode == 0, result.output
+    assert "STAGING OK" in result.output

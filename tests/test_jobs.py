@@ -1,8 +1,9 @@
 """The job scripts in ``jobs/``: syntax (``bash -n``, ``shellcheck``), the
 ``#SBATCH`` headers Slurm will read, and the paper grid's index -> (model, task, clients)
 mapping, checked through the scripts' dry-run mode (``FEDMPI_GRID_DRY_RUN=1`` prints the
-command instead of running it). The Slurm launch path runs against a fake ``srun`` on PATH,
-so no Slurm is needed.
+command instead of running it). The Slurm launch path (the time-limit signal passed on to
+the ranks, the requeue of a preempted run, resume and the paper grid's done markers) runs
+against a fake ``srun``/``mpirun`` and ``scontrol`` on PATH, so no Slurm is needed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from fedmpi.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
@@ -41,7 +44,8 @@ PAPER_FLAGS = {
 # Settings the scripts read: the tests start without them, whatever the caller's shell has.
 SETTINGS = re.compile(
     r"SLURM_.*|FEDMPI_.*|PAPER_OUT|OUT_ROOT|MODELS|TASKS|CLIENTS|ROUNDS|TRAIN_SAMPLES|"
-    r"TEST_SAMPLES|MAX_SEQ_LEN|LOCAL_EPOCHS|BATCH_SIZE|LR|MAX_RANKS|GPUS_PER_NODE"
+    r"TEST_SAMPLES|MAX_SEQ_LEN|LOCAL_EPOCHS|BATCH_SIZE|LR|MAX_RANKS|GPUS_PER_NODE|"
+    r"CHECKPOINT_EVERY"
 )
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not SETTINGS.fullmatch(k)}
 
@@ -97,9 +101,10 @@ def sbatch_header(path: Path) -> dict[str, str | bool]:
 def test_sbatch_headers(path):
     header = sbatch_header(path)
     assert header["--requeue"] is True
-    # USR1 two minutes before the limit, to the batch shell (B:), where the trap is; Slurm
-    # would otherwise signal the ranks, which USR1 kills.
+    # USR1 two minutes before the limit, to the batch shell (B:), whose trap passes it on to
+    # the ranks through the launcher.
     assert header["--signal"] == "B:USR1@120"
+    assert header["--open-mode"] == "append"  # a requeued job's log follows the last one's
     assert re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", header["--time"])
     assert int(header["--ntasks-per-node"]) >= 1
     assert "--gpus-per-node" in header or "--gres" in header
@@ -155,6 +160,8 @@ def test_paper_grid_covers_every_combination_once():
         assert flag(command, "--output") == f"runs/paper/{model}-{task}-{clients}c"
         for name, value in PAPER_FLAGS.items():
             assert flag(command, name) == value
+        assert flag(command, "--checkpoint-every") == "1"  # a node failure loses <= 1 round
+        assert "--overwrite" not in command
         assert int(flag(command, "--train-samples")) % max(CLIENTS) == 0  # equal shards
     assert sorted(seen) == sorted(itertools.product(MODELS, TASKS, CLIENTS))
     assert len(set(seen)) == 72
@@ -252,74 +259,189 @@ def test_local_grid_commands():
 
 # ---------------------------------------------------------------------------- the launch path
 
+FAKE_SRUN = r"""#!/bin/bash
+# A stand-in for srun (and mpirun) running fedmpi: logs its arguments, runs for
+# $FAKE_SRUN_SLEEP seconds and exits with $FAKE_SRUN_RC; on USR1 it stops like fedmpi does,
+# exiting with $FAKE_SRUN_RC_ON_USR1 (75 by default). Signals and exits go to $FAKE_EVENTS.
+on_usr1() {
+    echo "srun: USR1" >>"$FAKE_EVENTS"
+    kill "$sleeper" 2>/dev/null
+    sleep 0.3  # the checkpoint: the batch shell must keep waiting
+    echo "srun: exit ${FAKE_SRUN_RC_ON_USR1:-75}" >>"$FAKE_EVENTS"
+    exit "${FAKE_SRUN_RC_ON_USR1:-75}"
+}
+trap on_usr1 USR1
+printf '%s\n' "$*" >>"$FAKE_SRUN_LOG"
+sleep "${FAKE_SRUN_SLEEP:-0}" </dev/null >/dev/null 2>&1 &
+sleeper=$!
+wait "$sleeper"
+echo "srun: exit ${FAKE_SRUN_RC:-0}" >>"$FAKE_EVENTS"
+exit "${FAKE_SRUN_RC:-0}"
+"""
+
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >>"$FAKE_EVENTS"
+exit "${FAKE_SCONTROL_RC:-0}"
+"""
+
+
+class FakeSlurm:
+    """A PATH with the fake ``srun``, ``mpirun`` and ``scontrol`` (and the venv's python)."""
+
+    def __init__(self, tmp_path: Path):
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+        (bin_dir / "mpirun").symlink_to(bin_dir / "srun")
+        self.srun_log = tmp_path / "srun.log"
+        self.events_log = tmp_path / "events.log"
+        self.env = {
+            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "FAKE_SRUN_LOG": str(self.srun_log),
+            "FAKE_EVENTS": str(self.events_log),
+            "FEDMPI_CACHE": str(tmp_path / "cache"),
+        }
+
+    def launches(self) -> list[str]:
+        return self.srun_log.read_text().splitlines() if self.srun_log.exists() else []
+
+    def events(self) -> list[str]:
+        return self.events_log.read_text().splitlines() if self.events_log.exists() else []
+
 
 @pytest.fixture
 def fake_slurm(tmp_path):
-    """A PATH with a fake ``srun`` (and ``mpirun``) that logs its arguments, sleeps
-    $FAKE_SRUN_SLEEP and exits $FAKE_SRUN_RC; and the venv's python."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    srun = bin_dir / "srun"
-    srun.write_text(
-        "#!/bin/bash\n"
-        'echo "$@" >> "$FAKE_SRUN_LOG"\n'
-        'sleep "${FAKE_SRUN_SLEEP:-0}"\n'
-        'exit "${FAKE_SRUN_RC:-0}"\n'
-    )
-    srun.chmod(0o755)
-    (bin_dir / "mpirun").symlink_to(srun)
-    log = tmp_path / "srun.log"
-    path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
-    return {"PATH": path, "FAKE_SRUN_LOG": str(log), "FEDMPI_CACHE": str(tmp_path / "cache")}, log
+    return FakeSlurm(tmp_path)
 
 
-def test_launch_survives_the_time_limit_signal(fake_slurm):
-    env, log = fake_slurm
+def test_the_shell_knows_fedmpis_preemption_exit_code():
+    result = bash('source jobs/common.sh; echo "$FEDMPI_EXIT_PREEMPTED"')
+    assert result.stdout.strip() == str(EXIT_PREEMPTED)
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_time_limit_signal_is_passed_on_and_the_preempted_job_requeued(fake_slurm, launcher):
     proc = subprocess.Popen(
-        ["bash", "-c", "source jobs/common.sh; fedmpi_launch -n 2 -- --rounds 1"],
+        ["bash", "jobs/run.sbatch", "--rounds", "2", "--output", "runs/x"],
         cwd=REPO,
-        env={**CLEAN_ENV, **env, "FAKE_SRUN_SLEEP": "1.5", "FAKE_SRUN_RC": "3"},
+        env={
+            **CLEAN_ENV,
+            **fake_slurm.env,
+            "FAKE_SRUN_SLEEP": "30",
+            "FEDMPI_LAUNCHER": launcher,
+            "SLURM_JOB_ID": "1234",
+            "SLURM_NTASKS": "8",
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while not fake_slurm.launches():  # the launcher runs: both traps are set
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends the batch shell
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 3  # the launcher's own status, after waiting it out
-    assert "time limit in about 2 minutes" in err
-    assert log.read_text().split() == [
-        "--kill-on-bad-exit=1",
-        "-n",
-        "2",
-        "python",
-        "-m",
-        "fedmpi",
-        "--rounds",
-        "1",
+    assert proc.returncode == 0, err  # requeued: no failure for Slurm to record
+    # The launcher got the signal, the shell waited for it to finish, then requeued the job.
+    assert fake_slurm.events() == ["srun: USR1", "srun: exit 75", "scontrol requeue 1234"]
+    assert "passing it on to the ranks" in err and "requeueing the job" in err
+    expected = ["--kill-on-bad-exit=1"] if launcher == "srun" else ["-np", "8"]
+    assert fake_slurm.launches()[0].split() == [
+        *expected,
+        *["python", "-m", "fedmpi", "--rounds", "2", "--output", "runs/x"],
     ]
 
 
-def test_run_sbatch_passes_flags_and_overwrites_on_restart(fake_slurm):
-    env, log = fake_slurm
-    result = bash("bash jobs/run.sbatch --model minilm --rounds 2", env=env)
-    assert result.returncode == 0, result.stderr
-    result = bash("bash jobs/run.sbatch --rounds 2", env={**env, "SLURM_RESTART_COUNT": "1"})
-    assert result.returncode == 0, result.stderr
-    first, restart = log.read_text().splitlines()
-    assert first.endswith("python -m fedmpi --model minilm --rounds 2")
-    assert restart.endswith("python -m fedmpi --rounds 2 --overwrite")
+@pytest.mark.parametrize(
+    ("fedmpi_rc", "scontrol_rc", "job_id", "job_rc", "requeued"),
+    [
+        (0, 0, "1234", 0, False),
+        (3, 0, "1234", 3, False),  # a failure stays a failure
+        (2, 0, "1234", 2, False),
+        (EXIT_PREEMPTED, 0, "1234", 0, True),
+        (EXIT_PREEMPTED, 1, "1234", EXIT_PREEMPTED, True),  # the requeue failed
+        (EXIT_PREEMPTED, 0, None, EXIT_PREEMPTED, False),  # not in a Slurm job
+    ],
+)
+def test_run_sbatch_exit_status(fake_slurm, fedmpi_rc, scontrol_rc, job_id, job_rc, requeued):
+    env = {**fake_slurm.env, "FAKE_SRUN_RC": str(fedmpi_rc), "FAKE_SCONTROL_RC": str(scontrol_rc)}
+    if job_id:
+        env["SLURM_JOB_ID"] = job_id
+    result = bash("bash jobs/run.sbatch --output runs/x", env=env)
+    assert result.returncode == job_rc, result.stderr
+    requeues = [line for line in fake_slurm.events() if line.startswith("scontrol")]
+    assert requeues == (["scontrol requeue 1234"] if requeued else [])
+    if fedmpi_rc == EXIT_PREEMPTED and job_rc != 0:
+        assert "to resume from the checkpoint" in result.stderr
 
 
-def test_paper_grid_marks_done_and_skips_reruns(fake_slurm, tmp_path):
-    env, log = fake_slurm
-    env = {**env, "PAPER_OUT": str(tmp_path / "paper"), "SLURM_ARRAY_TASK_ID": "12"}
-    for _ in range(2):
-        result = bash("bash jobs/paper_grid.sbatch", env=env)
-        assert result.returncode == 0, result.stderr
-    assert len(log.read_text().splitlines()) == 1  # the rerun was skipped
-    assert "already finished" in result.stdout
-    assert (tmp_path / "paper" / "bert-imdb-2c" / "fedmpi.done").exists()
+def test_run_sbatch_passes_flags_and_resumes_on_restart(fake_slurm):
+    result = bash("bash jobs/run.sbatch --model minilm --rounds 2 --output o", env=fake_slurm.env)
+    assert result.returncode == 0, result.stderr
+    assert "no --output" not in result.stderr
+    restart = bash(
+        "bash jobs/run.sbatch --rounds 2 --output o",
+        env={**fake_slurm.env, "SLURM_RESTART_COUNT": "1"},
+    )
+    assert restart.returncode == 0, restart.stderr
+    assert "restart 1: fedmpi resumes from OUTPUT/checkpoint.h5" in restart.stderr
+    first, again = fake_slurm.launches()
+    assert first.endswith("python -m fedmpi --model minilm --rounds 2 --output o")
+    assert again.endswith("python -m fedmpi --rounds 2 --output o")  # no --overwrite: resume
+    unnamed = bash("bash jobs/run.sbatch --rounds 2", env=fake_slurm.env)
+    assert unnamed.returncode == 0 and "no --output" in unnamed.stderr
+
+
+def test_paper_grid_resumes_requeues_and_marks_done(fake_slurm, tmp_path):
+    env = {
+        **fake_slurm.env,
+        "PAPER_OUT": str(tmp_path / "paper"),
+        "SLURM_ARRAY_TASK_ID": "12",
+        "SLURM_JOB_ID": "777",
+    }
+    out = tmp_path / "paper" / "bert-imdb-2c"
+
+    # Preempted: the array task requeues itself, and the run is not marked done.
+    preempted = bash("bash jobs/paper_grid.sbatch", env={**env, "FAKE_SRUN_RC": "75"})
+    assert preempted.returncode == 0, preempted.stderr
+    assert fake_slurm.events()[-1] == "scontrol requeue 777"
+    assert not (out / "fedmpi.done").exists()
+
+    # Requeued with the checkpoint fedmpi wrote: the same command, which resumes.
+    (out / "results.h5").touch()
+    (out / "checkpoint.h5").touch()
+    resumed = bash("bash jobs/paper_grid.sbatch", env={**env, "SLURM_RESTART_COUNT": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "holds a checkpoint" in resumed.stderr
+    first, second = [shlex.split(line) for line in fake_slurm.launches()]
+    assert first == second and "--overwrite" not in second
+    assert flag(second, "--checkpoint-every") == "1"
+    assert (out / "fedmpi.done").exists()
+
+    # Finished: skipped.
+    skipped = bash("bash jobs/paper_grid.sbatch", env=env)
+    assert skipped.returncode == 0 and "already finished" in skipped.stdout
+    assert len(fake_slurm.launches()) == 2
+
+    # A failure is the job's exit status; the run is not marked done.
+    failed = bash(
+        "bash jobs/paper_grid.sbatch",
+        env={**env, "SLURM_ARRAY_TASK_ID": "13", "FAKE_SRUN_RC": "3"},
+    )
+    assert failed.returncode == 3
+    assert not (tmp_path / "paper" / "bert-yelp_review_full-2c" / "fedmpi.done").exists()
+    assert fake_slurm.events().count("scontrol requeue 777") == 1
+
+    # results.h5 without a checkpoint (cut off before the first one): start over.
+    partial = tmp_path / "paper" / "bert-ag_news-2c"
+    partial.mkdir(parents=True)
+    (partial / "results.h5").touch()
+    restarted = bash("bash jobs/paper_grid.sbatch", env={**env, "SLURM_ARRAY_TASK_ID": "14"})
+    assert restarted.returncode == 0, restarted.stderr
+    assert shlex.split(fake_slurm.launches()[-1])[-1] == "--overwrite"
 
     spooky = bash(
         "bash jobs/paper_grid.sbatch",
@@ -329,15 +451,47 @@ def test_paper_grid_marks_done_and_skips_reruns(fake_slurm, tmp_path):
 
 
 def test_mpirun_launcher_uses_the_runs_rank_count(fake_slurm, tmp_path):
-    env, log = fake_slurm
-    env = {**env, "PAPER_OUT": str(tmp_path / "paper"), "FEDMPI_LAUNCHER": "mpirun"}
+    env = {**fake_slurm.env, "PAPER_OUT": str(tmp_path / "paper"), "FEDMPI_LAUNCHER": "mpirun"}
     for index in ("0", "68"):  # bert imdb 1 and 32 clients
         result = bash(
             "bash jobs/paper_grid.sbatch",
             env={**env, "SLURM_NTASKS": "32", "SLURM_ARRAY_TASK_ID": index},
         )
         assert result.returncode == 0, result.stderr
-    assert [line.split()[:5] for line in log.read_text().splitlines()] == [
+    assert [line.split()[:5] for line in fake_slurm.launches()] == [
         ["-np", "1", "python", "-m", "fedmpi"],
         ["-np", "32", "python", "-m", "fedmpi"],
     ]
+
+
+def test_local_grid_resumes_from_a_checkpoint_and_overwrites_without_one(tmp_path):
+    # The fake mpiexec (FEDMPI_MPIEXEC) logs the command; FEDMPI_PYTHON runs the report.
+    fake = tmp_path / "mpiexec"
+    fake.write_text('#!/bin/bash\nprintf \'%s\\n\' "$*" >>"$FAKE_LOG"\n')
+    fake.chmod(0o755)
+    log = tmp_path / "log"
+    root = tmp_path / "grid"
+    for name, files in (
+        ("minilm-tweets-1c", ["results.h5", "checkpoint.h5"]),
+        ("minilm-tweets-2c", ["results.h5"]),
+        ("minilm-tweets-4c", ["results.h5", "fedmpi.done"]),
+    ):
+        (root / name).mkdir(parents=True)
+        for file in files:
+            (root / name / file).touch()
+    result = bash(
+        "bash jobs/local_grid.sh",
+        env={
+            "FEDMPI_MPIEXEC": str(fake),
+            "FEDMPI_PYTHON": "true",
+            "FAKE_LOG": str(log),
+            "OUT_ROOT": str(root),
+            "MODELS": "minilm",
+            "TASKS": "tweets",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    commands = {flag(c, "--clients"): c for c in map(shlex.split, log.read_text().splitlines())}
+    assert sorted(commands) == ["1", "2"]  # 4 clients: done before, skipped
+    assert "--overwrite" not in commands["1"]  # resumes from its checkpoint
+    assert commands["2"][-1] == "--overwrite"  # nothing to resume from: start over
