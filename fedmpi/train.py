@@ -70,17 +70,14 @@ def run(cfg: Config, world: World) -> None:
     test_rows = np.array_split(all_test_rows, world.size)[world.rank]
 
     def load_local_data() -> tuple[dict[int, DeviceRows], DeviceRows]:
+        faults.inject(world.rank, 0, "setup")
         train = {
             k: DeviceRows.from_rows(data.read_rows(cache, "train", plan.shards[k]), device)
             for k in plan.my_clients
         }
         return train, DeviceRows.from_rows(data.read_rows(cache, "test", test_rows), device)
 
-    def load_local_data_or_fail() -> tuple[dict[int, DeviceRows], DeviceRows]:
-        faults.inject(world.rank, 0, "setup")
-        return load_local_data()
-
-    local_train, local_test = collectively(world, load_local_data_or_fail)
+    local_train, local_test = collectively(world, load_local_data)
     log(
         world,
         f"data: {sum(plan.sizes)} training examples in {plan.n_clients} {cfg.partition} "
