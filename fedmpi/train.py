@@ -35,6 +35,9 @@ from fedmpi.server import ServerHyper, ServerOptimizer
 
 
 def run(cfg: Config, world: World) -> None:
+    stop = StopRequest()  # first: a preemption signal during set-up must not kill the rank
+    stop.install()
+
     # --- Placement: one device per rank, threads so co-located ranks share the cores.
     def place() -> str:
         device = select_device(world, cfg.device)
@@ -58,8 +61,6 @@ def run(cfg: Config, world: World) -> None:
     resuming = world.comm.bcast(
         collectively(world, lambda: _check_output(out_dir, cfg) if world.is_root else None), root=0
     )
-    stop = StopRequest()
-    stop.install()
 
     # --- Data: rank 0 tokenizes once into the HDF5 cache; every rank reads its own rows.
     cache = _prepare_cache(cfg, world)
@@ -174,6 +175,7 @@ def run(cfg: Config, world: World) -> None:
         if stop_votes > 0:  # some rank was signalled: this round is void, keep the last one
             flat.buffer.copy_(round_start)
             save_checkpoint(round_ - 1, flat.buffer)
+            wait_for_all(world)  # nobody exits (and gets the job killed) before it is written
             log(
                 world,
                 f"preempted in round {round_}: checkpoint of round {round_ - 1} in "

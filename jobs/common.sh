@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared by jobs/*.sbatch (sourced, never run): the software environment, the token cache,
-# and a launcher that keeps waiting for the ranks when the time-limit warning arrives.
+# a launcher that passes the time-limit warning on to the ranks, and the requeue of a
+# preempted run.
 #
 # Environment variables (all optional):
 #   FEDMPI_MODULES     modules to load first, e.g. "openmpi cuda"
@@ -10,6 +11,11 @@
 #   FEDMPI_CACHE       tokenized-data cache; must be on a filesystem every node sees
 #                      (default: .cache/fedmpi in the submit directory)
 #   FEDMPI_LAUNCHER    srun (default) or mpirun, see fedmpi_launch
+
+# fedmpi's exit status after a graceful stop (fedmpi.preemption.EXIT_PREEMPTED): a rank got
+# SIGTERM or SIGUSR1, rank 0 wrote OUTPUT/checkpoint.h5 with the last finished round, and
+# rerunning the same command resumes from it.
+FEDMPI_EXIT_PREEMPTED=75
 
 # Load modules and activate the environment, then check that fedmpi imports.
 fedmpi_activate() {
@@ -37,21 +43,31 @@ fedmpi_activate() {
     fi
 }
 
-# The ranks are not told about the time limit: fedmpi cannot resume a run, so there is
-# nothing for them to save (results.h5 is flushed every round and keeps the rounds done).
-# The batch shell gets USR1 (--signal=B:USR1@120) and says so in the job log.
+# The batch shell gets USR1 two minutes before the time limit (--signal=B:USR1@120; by hand:
+# `scancel --batch --signal=USR1 JOBID`) and passes it on to the launcher, which forwards
+# it to the ranks: srun to every task of its step, and the mpirun of Open MPI and of MPICH
+# to every rank. fedmpi then finishes its current local step, rank 0 writes the checkpoint
+# of the last finished round, and every rank exits with 75 (see fedmpi_requeue_if_preempted).
+# Going through the batch shell (the B:) logs the signal in the job log and takes the same
+# route with either launcher.
 fedmpi_on_time_limit() {
     _fedmpi_signalled=1
-    echo "fedmpi job ${SLURM_JOB_ID:-}: time limit in about 2 minutes; fedmpi cannot resume," \
-        "results.h5 keeps the rounds finished so far: resubmit with a longer --time" >&2
+    if [[ -z "${_fedmpi_launcher_pid:-}" ]]; then
+        echo "fedmpi job ${SLURM_JOB_ID:-}: got USR1 with no fedmpi running: ignored" >&2
+        return 0
+    fi
+    echo "fedmpi job ${SLURM_JOB_ID:-}: got USR1 (time limit in about 2 minutes):" \
+        "passing it on to the ranks, which checkpoint and stop" >&2
+    kill -USR1 "$_fedmpi_launcher_pid" 2>/dev/null || true
 }
 
 # fedmpi_launch [-N NODES] [-n RANKS] -- FEDMPI_ARGS...
 # Runs `srun [-N NODES] [-n RANKS] python -m fedmpi FEDMPI_ARGS` (all of the allocation's
-# tasks without -n). srun starts the ranks through Slurm's PMI, which MPIs built with Slurm
-# support (most site MPIs) need. For an MPI without it, FEDMPI_LAUNCHER=mpirun runs
-# `mpirun -np RANKS python -m fedmpi ...` instead (RANKS defaults to $SLURM_NTASKS; Open
-# MPI's and MPICH's mpirun read the Slurm allocation themselves).
+# tasks without -n) and returns its exit status. srun starts the ranks through Slurm's PMI,
+# which MPIs built with Slurm support (most site MPIs) need. For an MPI without it,
+# FEDMPI_LAUNCHER=mpirun runs `mpirun -np RANKS python -m fedmpi ...` instead (RANKS
+# defaults to $SLURM_NTASKS; Open MPI's and MPICH's mpirun read the Slurm allocation
+# themselves).
 fedmpi_launch() {
     local launcher_args=() ranks=${SLURM_NTASKS:-}
     while (($# > 0)) && [[ "$1" != "--" ]]; do
@@ -76,15 +92,46 @@ fedmpi_launch() {
     echo "fedmpi job ${SLURM_JOB_ID:-}: ${cmd[*]}" >&2
     # In the background, so that the USR1 trap runs while the ranks keep going; a trapped
     # signal interrupts `wait`, which is then resumed until the launcher really exits.
+    _fedmpi_launcher_pid=
     trap fedmpi_on_time_limit USR1
     "${cmd[@]}" &
-    local pid=$! rc
+    _fedmpi_launcher_pid=$!
+    local rc
     while :; do
         _fedmpi_signalled=0
         rc=0
-        wait "$pid" || rc=$?
+        wait "$_fedmpi_launcher_pid" || rc=$?
         ((_fedmpi_signalled)) || break
     done
-    trap - USR1
+    # The trap stays: a USR1 that comes after fedmpi ended (while the job is requeued, say)
+    # is logged instead of killing the batch shell.
+    _fedmpi_launcher_pid=
     return "$rc"
+}
+
+# fedmpi_requeue_if_preempted STATUS: the job's exit status for fedmpi's exit status STATUS.
+# 75 (preempted, checkpoint written): requeue this job with `scontrol requeue`, and return
+# 0 so that Slurm records no failure; the requeued job runs the batch script again with the
+# same arguments, and fedmpi resumes from OUTPUT/checkpoint.h5 by itself. Any other status
+# is returned as it is. (Needs #SBATCH --requeue; without a Slurm job, or if the requeue
+# fails, it returns 75: rerun the same command to resume.)
+fedmpi_requeue_if_preempted() {
+    local status=$1
+    if ((status != FEDMPI_EXIT_PREEMPTED)); then
+        return "$status"
+    fi
+    if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+        echo "fedmpi job: preempted (exit $status), not in a Slurm job: rerun the same" \
+            "command to resume from the checkpoint" >&2
+        return "$status"
+    fi
+    # Logged first: Slurm may end this shell as soon as the job is requeued.
+    echo "fedmpi job $SLURM_JOB_ID: preempted (exit $status): requeueing the job, which" \
+        "resumes from the checkpoint when it runs again" >&2
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        echo "fedmpi job $SLURM_JOB_ID: scontrol requeue failed: resubmit the same job to" \
+            "resume from the checkpoint" >&2
+        return "$status"
+    fi
+    return 0
 }

@@ -19,8 +19,9 @@
 # Local training is the paper's shape at a smaller size (AdamW instead of SGD: SGD at
 # lr 2e-5 barely moves in 3 short rounds). A run that finished (fedmpi.done next to its
 # results.h5) is skipped, so an interrupted grid resumes where it stopped; a partial run
-# starts over with --overwrite. A failed run is reported and the grid goes on; the script
-# exits 1 at the end if any failed.
+# resumes from its checkpoint.h5 if it has one (fedmpi writes one when stopped by SIGTERM
+# or SIGUSR1, exit 75), and starts over with --overwrite if not. A failed run is reported
+# and the grid goes on; the script exits 1 at the end if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,7 +64,9 @@ for model in "${models[@]}"; do
                 echo "[$n/$total] $out: done before, skipped"
                 continue
             fi
-            if [[ -e "$out/results.h5" ]]; then cmd+=(--overwrite); fi # partial: start over
+            if [[ -e "$out/results.h5" && ! -e "$out/checkpoint.h5" ]]; then
+                cmd+=(--overwrite) # partial, no checkpoint to resume from: start over
+            fi
             mkdir -p "$out"
             start=$SECONDS
             if "${cmd[@]}" >"$out/fedmpi.log" 2>&1; then

@@ -4,6 +4,7 @@
 # Run from anywhere; extra arguments go to every sbatch, e.g.
 #
 #   jobs/submit_paper_grid.sh --account=proj123 --partition=gpu
+#   jobs/submit_paper_grid.sh --time=02:00:00           # longer runs checkpoint and requeue
 #   GPUS_PER_NODE=8 jobs/submit_paper_grid.sh
 #   FEDMPI_GRID_DRY_RUN=1 jobs/submit_paper_grid.sh      # print the sbatch commands only
 #

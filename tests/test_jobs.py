@@ -261,14 +261,14 @@ def test_local_grid_commands():
 
 FAKE_SRUN = r"""#!/bin/bash
 # A stand-in for srun (and mpirun) running fedmpi: logs its arguments, runs for
-# $FAKE_SRUN_SLEEP seconds and exits with $FAKE_SRUN_RC; on USR1 it stops like fedmpi does,
-# exiting with $FAKE_SRUN_RC_ON_USR1 (75 by default). Signals and exits go to $FAKE_EVENTS.
+# $FAKE_SRUN_SLEEP seconds and exits with $FAKE_SRUN_RC; on USR1 it stops like fedmpi does:
+# a moment to checkpoint, then exit 75. Its signals and exits go to $FAKE_EVENTS.
 on_usr1() {
     echo "srun: USR1" >>"$FAKE_EVENTS"
     kill "$sleeper" 2>/dev/null
     sleep 0.3  # the checkpoint: the batch shell must keep waiting
-    echo "srun: exit ${FAKE_SRUN_RC_ON_USR1:-75}" >>"$FAKE_EVENTS"
-    exit "${FAKE_SRUN_RC_ON_USR1:-75}"
+    echo "srun: exit 75" >>"$FAKE_EVENTS"
+    exit 75
 }
 trap on_usr1 USR1
 printf '%s\n' "$*" >>"$FAKE_SRUN_LOG"
@@ -353,6 +353,18 @@ def test_time_limit_signal_is_passed_on_and_the_preempted_job_requeued(fake_slur
         *expected,
         *["python", "-m", "fedmpi", "--rounds", "2", "--output", "runs/x"],
     ]
+
+
+def test_a_late_time_limit_signal_is_harmless(fake_slurm):
+    # USR1 after fedmpi ended (e.g. while the job is being requeued) must not kill the shell.
+    result = bash(
+        "source jobs/common.sh; fedmpi_launch -n 1 -- --rounds 1; rc=$?;"
+        ' kill -USR1 $$; echo "rc $rc"',
+        env={**fake_slurm.env, "FAKE_SRUN_RC": "75"},
+    )
+    assert result.returncode == 0 and result.stdout.split() == ["rc", "75"], result.stderr
+    assert "got USR1 with no fedmpi running: ignored" in result.stderr
+    assert fake_slurm.events() == ["srun: exit 75"]
 
 
 @pytest.mark.parametrize(
