@@ -187,6 +187,7 @@ def run(cfg: Config, world: World) -> None:
         _synchronize(device)
         t_aggregated = time.perf_counter()
         health = diagnostics.finish_round(world, cohort, mean_update, flat.buffer, round_start)
+        t_diagnosed = time.perf_counter()
 
         # Evaluation of the new global model, sharded over ranks.
         evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
@@ -208,7 +209,8 @@ def run(cfg: Config, world: World) -> None:
             "timing/train_s": t_trained - t_round,
             "timing/wait_s": t_ready - t_trained,
             "timing/allreduce_s": t_aggregated - t_ready,
-            "timing/eval_s": t_evaluated - t_aggregated,
+            "timing/diagnostics_s": t_diagnosed - t_aggregated,
+            "timing/eval_s": t_evaluated - t_diagnosed,
             "timing/round_s": t_evaluated - t_round,
             **health,
         }

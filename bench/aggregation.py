@@ -1,0 +1,194 @@
+"""fedmpi's aggregation step against the bare-MPI limit, gloo, and a memcpy floor.
+
+Run under MPI, once per rank count:
+
+    mpiexec -n 2 python bench/aggregation.py [--models bert-base minilm] [--repeats 10]
+    mpiexec -n 4 python bench/aggregation.py
+
+For each model (``bert-base``: a random ``BertForSequenceClassification(BertConfig())``,
+~110M fp32 parameters, nothing downloaded; ``minilm``: the offline built-in) it times, on
+a payload of the model's size:
+
+* fedmpi's step exactly as ``train.py`` runs it: ``WeightedAllreduce.reset/add/
+  add_metrics/allreduce`` then ``ServerOptimizer("fedavg").step``;
+* the per-round diagnostics ``train.py`` adds around it (``record_client``,
+  ``mean_update_sample``, ``finish_round``; they are timed in train_s and eval_s);
+* a bare ``comm.Allreduce(MPI.IN_PLACE, ...)`` on a preallocated numpy float32 buffer,
+  and the same in fixed slices (``--chunks-mb``);
+* one Allreduce per parameter tensor;
+* ``torch.distributed`` (gloo, TCP on 127.0.0.1) ``all_reduce`` on the flat buffer;
+* a memcpy of the buffer on every rank at once (the memory-bandwidth floor).
+
+Each row is the median over ``--repeats`` of the slowest rank's time, with a barrier
+before every repeat (and one untimed warm-up); GB/s is payload bytes / time. Rank 0
+prints one markdown table per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from mpi4py import MPI
+
+from fedmpi.comm import World
+from fedmpi.diagnostics import UpdateDiagnostics
+from fedmpi.fedavg import WeightedAllreduce
+from fedmpi.flat import FlatParameters
+from fedmpi.models import load_model, quiet_transformers
+from fedmpi.server import ServerHyper, ServerOptimizer
+
+
+def timed(comm: MPI.Comm, repeats: int, fn: Callable[[], object]) -> float:
+    """Median over repeats of the slowest rank's seconds; a barrier before each repeat."""
+    comm.Barrier()
+    fn()  # warm-up: first-touch page faults, MPI's internal buffers
+    times = np.empty(repeats)
+    for i in range(repeats):
+        comm.Barrier()
+        start = time.perf_counter()
+        fn()
+        times[i] = time.perf_counter() - start
+    comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
+    return float(np.median(times))
+
+
+def build_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "bert-base":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        return BertForSequenceClassification(BertConfig())
+    return load_model(name, ["a", "b"])
+
+
+def init_gloo(comm: MPI.Comm) -> None:
+    """torch.distributed over gloo, rank and size from MPI, a free port from rank 0."""
+    port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=comm.Get_rank(),
+        world_size=comm.Get_size(),
+    )
+
+
+def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
+    comm, repeats = world.comm, args.repeats
+    model = build_model(name)
+    flat = FlatParameters(model)
+    aggregator = WeightedAllreduce(world, flat.numel, "cpu", n_metrics=3)
+    server = ServerOptimizer("fedavg", ServerHyper(), flat.buffer)
+    round_start = flat.buffer.clone()
+    diagnostics = UpdateDiagnostics(flat, world.size)
+    cohort = np.arange(world.size)
+    n = aggregator.payload.numel()
+    nbytes = n * 4
+
+    def fedmpi_step() -> None:  # as in train.py, from aggregator.reset() to server.step()
+        aggregator.reset()
+        aggregator.add(flat.buffer, 100.0, [1.0, 100.0, 0.0])
+        aggregator.add_metrics([0.0, 0.0, 0.0])
+        weighted_sum, total_weight, _ = aggregator.allreduce()
+        server.step(flat.buffer, round_start, weighted_sum, total_weight)
+
+    def diagnostics_step() -> None:  # train.py's per-round diagnostics, one client per rank
+        diagnostics.start_round()
+        diagnostics.record_client(world.rank, flat.buffer, round_start)
+        mean = diagnostics.mean_update_sample(aggregator.payload[: flat.numel], 1.0, round_start)
+        diagnostics.finish_round(world, cohort, mean, flat.buffer, round_start)
+
+    bare = np.zeros(n, dtype=np.float32)
+    target = np.empty_like(bare)
+    tensors = [p.detach().numpy() for p in flat.params]
+    flat_tensor = torch.from_numpy(bare)
+
+    def bare_allreduce() -> None:
+        comm.Allreduce(MPI.IN_PLACE, bare, op=MPI.SUM)
+
+    def chunked(chunk_bytes: int) -> Callable[[], None]:
+        step = chunk_bytes // 4
+
+        def run() -> None:
+            for start in range(0, n, step):
+                comm.Allreduce(MPI.IN_PLACE, bare[start : start + step], op=MPI.SUM)
+
+        return run
+
+    def per_tensor() -> None:
+        for t in tensors:
+            comm.Allreduce(MPI.IN_PLACE, t, op=MPI.SUM)
+
+    rows = [
+        ("fedmpi step (reset/add/allreduce + fedavg step)", timed(comm, repeats, fedmpi_step)),
+        ("fedmpi diagnostics (record/mean/finish_round)", timed(comm, repeats, diagnostics_step)),
+        ("bare comm.Allreduce, numpy, in place", timed(comm, repeats, bare_allreduce)),
+    ]
+    for mb in args.chunks_mb:
+        rows.append((f"bare Allreduce in {mb} MB slices", timed(comm, repeats, chunked(mb << 20))))
+    rows.append(
+        (f"per-tensor Allreduce ({len(tensors)} tensors)", timed(comm, repeats, per_tensor))
+    )
+    if not args.no_gloo:
+        rows.append(
+            (
+                "torch.distributed gloo all_reduce",
+                timed(comm, repeats, lambda: dist.all_reduce(flat_tensor)),
+            )
+        )
+    rows.append(
+        (
+            "memcpy of the buffer, all ranks at once",
+            timed(comm, repeats, lambda: np.copyto(target, bare)),
+        )
+    )
+
+    if world.is_root:
+        print(
+            f"\n{name}: {flat.numel / 1e6:.1f}M parameters, payload {nbytes / 1e6:.0f} MB, "
+            f"np={world.size}, median of {repeats}\n"
+        )
+        print("| operation | ms | GB/s |\n|---|---:|---:|")
+        for label, seconds in rows:
+            print(f"| {label} | {seconds * 1e3:.1f} | {nbytes / seconds / 1e9:.2f} |")
+        sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["bert-base", "minilm"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--chunks-mb", type=int, nargs="*", default=[4, 16, 64])
+    parser.add_argument("--no-gloo", action="store_true", help="skip torch.distributed")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet_transformers()
+    world = World.from_comm()
+    if not args.no_gloo:
+        init_gloo(world.comm)
+    if world.is_root:
+        print(
+            f"MPI: {MPI.Get_library_version().splitlines()[0].strip()}, torch {torch.__version__}"
+        )
+    for name in args.models:
+        bench_model(name, world, args)
+    if not args.no_gloo:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
