@@ -217,7 +217,7 @@ def report(ranks, plain, args, per_rank, fed_wall, plain_wall) -> None:
     setup_hwm = dict(ranks[0]["phases"])["payload allocated"]["VmHWM"]
     sample_mib = min(plain["numel"], 2**20) * 4 / 2**20
     items = [
-        ("Allreduce payload (1 P, allocated once)", p_mib),
+        ("Allreduce payload (0: one client per rank reduces its parameters in place)", 0.0),
         ("round-start global model (1 P)", p_mib),
         (
             "mpi4py, MPI_Init and fedmpi's imports (measured at start)",

@@ -37,12 +37,26 @@ class WeightedAllreduce:
         device: torch.device | str,
         n_metrics: int,
         staged: bool | None = None,
+        in_place: torch.Tensor | None = None,
     ):
-        """``staged``: reduce through a host copy (default: on GPU unless CUDA-aware)."""
+        """``staged``: reduce through a host copy (default: on GPU unless CUDA-aware).
+
+        ``in_place``: the parameters' own storage (``FlatParameters.storage`` with room for
+        the tail) to use as the payload, saving a copy of the model, for a rank that
+        trains at most one client per round: its ``add`` scales the parameters in place.
+        """
         self.world = world
         self.numel = numel
         self.n_metrics = n_metrics
-        self.payload = torch.zeros(numel + 1 + n_metrics, dtype=torch.float32, device=device)
+        size = numel + 1 + n_metrics
+        if in_place is not None and in_place.numel() != size:
+            raise ValueError(f"in-place storage holds {in_place.numel()} floats, not {size}")
+        self.in_place = in_place is not None
+        self.payload = (
+            in_place
+            if in_place is not None
+            else torch.zeros(size, dtype=torch.float32, device=device)
+        )
         on_gpu = self.payload.device.type == "cuda"
         if staged is None:
             staged = on_gpu and os.environ.get(CUDA_AWARE_ENV, "0") != "1"
@@ -66,6 +80,8 @@ class WeightedAllreduce:
     def add(self, params: torch.Tensor, weight: float, metrics: Sequence[float]) -> None:
         """Add one client's parameters with its FedAvg weight, and its metric sums."""
         head = self.payload[: self.numel]
+        if self.in_place and self.clients > 0:
+            raise RuntimeError("an in-place payload takes one client per round")
         if self.clients == 0:
             torch.mul(params, weight, out=head)  # one pass instead of zero + add
         else:

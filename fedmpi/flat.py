@@ -18,7 +18,9 @@ class FlatParameters:
     ids) stay outside the buffer: they never change, so they are never averaged.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, tail: int = 0) -> None:
+        """``tail`` extra elements after the parameters (``storage`` holds both): room for
+        the Allreduce's weight and metric slots, so the parameters can be reduced in place."""
         params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
         if not params:
             raise ValueError("the model has no trainable floating-point parameters")
@@ -27,7 +29,8 @@ class FlatParameters:
         self.shapes = [p.shape for p in params]
         self.offsets = []
         total = sum(p.numel() for p in params)
-        self.buffer = torch.empty(total, dtype=torch.float32, device=params[0].device)
+        self.storage = torch.zeros(total + tail, dtype=torch.float32, device=params[0].device)
+        self.buffer = self.storage[:total]
         offset = 0
         for p in params:
             n = p.numel()

@@ -89,7 +89,11 @@ def run(cfg: Config, world: World) -> None:
     # --- Model: identical on every rank, parameters flattened into one buffer.
     model = _load_model(cfg, world, info.label_names)
     model.to(device)
-    flat = FlatParameters(model)
+    # A rank with at most one client reduces its parameters in place (one copy of the model
+    # less); several clients per rank, or a server optimizer, need a separate payload.
+    in_place = len(plan.my_clients) <= 1 and cfg.server_opt == "fedavg"
+    n_metrics = 3  # loss sum, examples seen, stop votes
+    flat = FlatParameters(model, tail=1 + n_metrics if in_place else 0)
     log(
         world,
         f"model: {cfg.model} ({type(model).__name__}, {flat.numel / 1e6:.1f}M trainable "
@@ -97,7 +101,9 @@ def run(cfg: Config, world: World) -> None:
     )
 
     # --- Round state, allocated once.
-    aggregator = WeightedAllreduce(world, flat.numel, device, n_metrics=3)  # loss, seen, stop
+    aggregator = WeightedAllreduce(
+        world, flat.numel, device, n_metrics, in_place=flat.storage if in_place else None
+    )
     hyper = ServerHyper(
         cfg.server_lr, cfg.server_momentum, cfg.server_beta1, cfg.server_beta2, cfg.server_tau
     )
