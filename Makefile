@@ -38,7 +38,10 @@ grid: install
 	FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_grid.sh
 
 bench: install
-	$(PY) bench/round_split.py --mpiexec $(MPIEXEC)
+	$(PY) bench/round_overhead.py --mpiexec $(MPIEXEC)
+	$(MPIEXEC) -n 2 $(PY) bench/aggregation.py
+	$(PY) bench/throughput.py
+	$(PY) bench/memory.py --mpiexec $(MPIEXEC)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
