@@ -41,7 +41,7 @@ def load_rows(cfg: Config, n: int) -> data.TokenizedRows:
     path = data.cache_path(cfg, tokenizer)
     if path.exists():
         print(f"rows: {n} from the token cache {path}")
-        rows = np.random.default_rng(0).permutation(data.split_length(path, "train"))[:n]
+        rows = np.random.default_rng(0).permutation(data.read_info(path).n_train)[:n]
         return data.read_rows(path, "train", rows)
     print(f"rows: the first {n} training texts, tokenized")
     splits = data.load_text_splits(cfg)

@@ -493,11 +493,6 @@ def read_rows(path: Path, split: str, rows: np.ndarray, block: int = 65536) -> T
     return TokenizedRows(ids[inverse], lengths[inverse], labels[inverse])
 
 
-def split_length(path: Path, split: str) -> int:
-    with h5py.File(path, "r", locking=False) as f:
-        return len(f[f"{split}/labels"])
-
-
 def read_column(path: Path, split: str, name: str) -> np.ndarray:
     """A whole per-example column of a split (labels: a few MB even for large corpora)."""
     with h5py.File(path, "r", locking=False) as f:

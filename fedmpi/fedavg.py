@@ -47,7 +47,6 @@ class WeightedAllreduce:
         """
         self.world = world
         self.numel = numel
-        self.n_metrics = n_metrics
         size = numel + 1 + n_metrics
         if in_place is not None and in_place.numel() != size:
             raise ValueError(f"in-place storage holds {in_place.numel()} floats, not {size}")

@@ -26,7 +26,6 @@ class FlatParameters:
             raise ValueError("the model has no trainable floating-point parameters")
         names = {id(p): name for name, p in model.named_parameters()}
         self.names = [names[id(p)] for p in params]
-        self.shapes = [p.shape for p in params]
         self.offsets = []
         total = sum(p.numel() for p in params)
         self.storage = torch.zeros(total + tail, dtype=torch.float32, device=params[0].device)

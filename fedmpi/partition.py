@@ -136,10 +136,6 @@ def _by_group(
     return [rows[owner[inverse] == client] for client in range(k)]
 
 
-def label_histogram(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.bincount(labels, minlength=n_classes)
-
-
 def sample_cohort(n_clients: int, per_round: int | None, seed: int, round_: int) -> np.ndarray:
     """The round's participating clients (sorted): all, or ``per_round`` drawn from
     (seed, round) alone, so every rank draws the same cohort."""

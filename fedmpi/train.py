@@ -66,7 +66,7 @@ def run(cfg: Config, world: World) -> None:
     cache = _prepare_cache(cfg, world)
     info = collectively(world, lambda: _read_info_everywhere(cache))
     n_classes = len(info.label_names)
-    plan = collectively(world, lambda: _plan_federation(cfg, world, cache, n_classes))
+    plan = collectively(world, lambda: _plan_federation(cfg, world, cache, info))
     all_test_rows = subsample(info.n_test, cfg.test_samples, cfg.seed)
     test_rows = np.array_split(all_test_rows, world.size)[world.rank]
 
@@ -253,9 +253,12 @@ class FederationPlan:
     my_clients: list[int]
 
 
-def _plan_federation(cfg: Config, world: World, cache: Path, n_classes: int) -> FederationPlan:
+def _plan_federation(
+    cfg: Config, world: World, cache: Path, info: data.CacheInfo
+) -> FederationPlan:
     n_clients = cfg.num_clients(world.size)
-    rows = subsample(data.split_length(cache, "train"), cfg.train_samples, cfg.seed)
+    n_classes = len(info.label_names)
+    rows = subsample(info.n_train, cfg.train_samples, cfg.seed)
     if len(rows) < n_clients:
         raise UsageError(
             f"{len(rows)} training examples cannot give each of {n_clients} clients one"

@@ -67,24 +67,31 @@ def minilm_dir() -> Path:
     return Path(resolve_model("minilm"))
 
 
-def save_tiny_bert(path: Path, dropout: float) -> Path:
-    """A 2-layer, 32-wide random BERT classifier with MiniLM's real tokenizer."""
+def random_bert(vocab: int, width: int, layers: int, dropout: float = 0.0, labels: int = 2):
+    """A random BERT classifier small enough for a unit test (seeded: the same every time)."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=layers,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * width,
         max_position_embeddings=128,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
-        num_labels=2,
+        num_labels=labels,
     )
-    BertForSequenceClassification(config).save_pretrained(path)
+    return BertForSequenceClassification(config)
+
+
+def save_tiny_bert(path: Path, dropout: float) -> Path:
+    """A 2-layer, 32-wide random BERT classifier with MiniLM's real tokenizer."""
+    from transformers import AutoTokenizer
+
+    random_bert(vocab=30522, width=32, layers=2, dropout=dropout).save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
     return path
 

@@ -1,24 +1,13 @@
 """The flat buffer: parameters become views, the model computes the same function."""
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from conftest import random_bert
 
 from fedmpi.flat import FlatParameters
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    return BertForSequenceClassification(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=16,
-            hidden_dropout_prob=0,
-            attention_probs_dropout_prob=0,
-        )
-    ).eval()
+    return random_bert(vocab=50, width=8, layers=1).eval()
 
 
 def test_parameters_become_views_of_one_buffer():

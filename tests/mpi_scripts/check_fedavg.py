@@ -6,12 +6,15 @@ global model against float64 numpy arithmetic done independently of fedmpi.
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
-from fedmpi.comm import World, abort_on_error
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
+from conftest import random_bert  # noqa: E402
+
+from fedmpi.comm import World, abort_on_error  # noqa: E402
 from fedmpi.fedavg import WeightedAllreduce
 from fedmpi.flat import FlatParameters
 from fedmpi.partition import assign_clients
@@ -27,16 +30,7 @@ def client_params(base: np.ndarray, client: int) -> np.ndarray:
 def main() -> None:
     world = World.from_comm()
     with abort_on_error(world):
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=100,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            num_labels=3,
-        )
-        model = BertForSequenceClassification(config)
+        model = random_bert(vocab=100, width=16, layers=1, labels=3)
         flat = FlatParameters(model)
         base = flat.buffer.numpy().copy()
 
