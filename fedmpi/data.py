@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,12 +24,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fedmpi import atomic, splits
 from fedmpi.config import Config
 from fedmpi.errors import UsageError
 from fedmpi.partition import PartitionSpec
 
-CACHE_FORMAT = 1
-BUILTIN_SPLIT_SEED = 0  # built-in and single-file corpora get one fixed train/test split
+CACHE_FORMAT = 2
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
 LABEL_COLUMNS = ("label", "labels", "category", "class")
 LOCAL_FORMATS = {
@@ -39,6 +39,7 @@ LOCAL_FORMATS = {
     ".jsonl": "json",
     ".parquet": "parquet",
 }
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 
 
 @dataclass
@@ -51,16 +52,21 @@ class TextSplits:
     test_labels: np.ndarray
     label_names: list[str]
     train_groups: list | None = None  # values of the --partition by:COLUMN column
+    how_split: str = ""  # one line for the log and the cache: which split, what was dropped
 
 
 @dataclass
 class Corpus:
     """A built-in corpus: texts, label values, and other per-example columns that
-    ``--partition by:COLUMN`` may group by (e.g. the movie a review is about)."""
+    ``--partition by:COLUMN`` may group by (e.g. the movie a review is about).
+
+    ``split_by`` names the column whose groups never straddle the train/test split (the
+    movie: reviews of one movie share its words and often its verdict)."""
 
     texts: list[str]
     labels: list
     columns: dict[str, list]
+    split_by: str | None = None
 
 
 # ---------------------------------------------------------------------------- built-ins
@@ -99,6 +105,7 @@ def _rotten_tomatoes() -> Corpus:
         frame["text"].astype(str).tolist(),
         frame["category"].tolist(),
         {"movie_name": frame["movie_name"].tolist()},
+        split_by="movie_name",
     )
 
 
@@ -196,31 +203,68 @@ BUILTIN_DATASETS: dict[str, Callable[[], Corpus]] = {
 
 
 def _label_ids(values: list, names: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Map labels to 0..C-1: class-label names when the data has them, else sorted values."""
+    """Map labels to 0..C-1: class-label names when the data has them, else sorted values.
+
+    Labels must be classes: missing, unhashable (lists) or continuous (0.37) values are
+    refused with the first offending value, since a regression target silently turned into
+    thousands of classes would still "train".
+    """
     if names is not None:
         return np.asarray(values, dtype=np.int64), list(names)
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            raise UsageError(f"label of example {i} is missing: every example needs a label")
+        if isinstance(value, float) and not value.is_integer():
+            raise UsageError(
+                f"label {value!r} of example {i} is not a class (continuous labels are not "
+                "supported: fedmpi trains classifiers)"
+            )
+        if not isinstance(value, str | int | float | bool | np.generic):
+            raise UsageError(
+                f"label {value!r} of example {i} is a {type(value).__name__}, not a class name "
+                "or number"
+            )
     distinct = sorted({v for v in values}, key=lambda v: (str(type(v)), v))
     index = {v: i for i, v in enumerate(distinct)}
     return np.array([index[v] for v in values], dtype=np.int64), [str(v) for v in distinct]
 
 
-def _fixed_split(
+def _clean_split(
     texts: list[str],
     labels: np.ndarray,
     names: list[str],
-    test_fraction: float,
-    groups: list | None = None,
+    cfg: Config,
+    split_by: tuple[str, list] | None,
+    partition_groups: list | None,
 ) -> TextSplits:
-    order = np.random.default_rng(BUILTIN_SPLIT_SEED).permutation(len(texts))
-    n_test = max(1, int(round(len(texts) * test_fraction)))
-    test, train = order[:n_test], order[n_test:]
+    """Deduplicate, then split stratified by label and, with ``split_by`` (column, values),
+    without any group on both sides; seeded by ``--data-seed`` (see ``fedmpi.splits``)."""
+    dedup = splits.deduplicate(texts, labels)
+    keep = dedup.keep
+    groups = None if split_by is None else np.asarray([str(split_by[1][i]) for i in keep])
+    train, test = splits.stratified_group_split(
+        labels[keep], groups, cfg.test_fraction, cfg.data_seed
+    )
+    if len(train) == 0 or len(test) == 0:
+        raise UsageError(
+            f"dataset {cfg.dataset!r}: a {cfg.test_fraction:g} test split of "
+            f"{len(keep)} examples leaves one side empty (change --test-fraction or add data)"
+        )
+    train, test = keep[train], keep[test]
+    grouped = "" if split_by is None else f", no {split_by[0]} on both sides"
+    how = (
+        f"split {len(train)}/{len(test)} here (data seed {cfg.data_seed}, stratified by "
+        f"label{grouped}); dropped {dedup.duplicates} duplicate texts and "
+        f"{dedup.conflicting} with conflicting labels"
+    )
     return TextSplits(
         [texts[i] for i in train],
         labels[train],
         [texts[i] for i in test],
         labels[test],
         names,
-        None if groups is None else [groups[i] for i in train],
+        None if partition_groups is None else [partition_groups[i] for i in train],
+        how,
     )
 
 
@@ -228,11 +272,15 @@ def _group_column(cfg: Config) -> str | None:
     return PartitionSpec.parse(cfg.partition).column
 
 
-def _missing_group_column(cfg: Config, available: list[str]) -> UsageError:
+def _missing_column(flag: str, value: str, cfg: Config, available: list[str]) -> UsageError:
     return UsageError(
-        f"--partition {cfg.partition}: dataset {cfg.dataset!r} has no column "
-        f"{_group_column(cfg)!r} (columns to group by: {', '.join(available) or 'none'})"
+        f"{flag} {value}: dataset {cfg.dataset!r} has no column {_bare(value)!r} "
+        f"(columns to group by: {', '.join(available) or 'none'})"
     )
+
+
+def _bare(value: str) -> str:
+    return value.removeprefix("by:")
 
 
 def _pick_column(
@@ -250,6 +298,24 @@ def _pick_column(
     raise UsageError(f"no {what} column found among {columns}: name it with {flag}")
 
 
+def local_format(path: Path) -> tuple[str, dict]:
+    """The ``datasets`` builder (and its options) for a local data file.
+
+    Compression suffixes are looked through (``reviews.csv.gz`` is CSV): ``datasets``
+    decompresses gzip, bz2, xz and zstd files itself.
+    """
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    kind = suffixes[-1] if suffixes else ""
+    if kind not in LOCAL_FORMATS:
+        raise UsageError(
+            f"{path}: unsupported file type (use one of {', '.join(LOCAL_FORMATS)}, optionally "
+            f"compressed as {', '.join(COMPRESSION_SUFFIXES)})"
+        )
+    return LOCAL_FORMATS[kind], ({"delimiter": "\t"} if kind == ".tsv" else {})
+
+
 def _load_with_datasets(cfg: Config):
     """A DatasetDict from a local file, a local directory, or the hub."""
     import datasets
@@ -257,14 +323,9 @@ def _load_with_datasets(cfg: Config):
     path = Path(cfg.dataset).expanduser()
     try:
         if path.is_file():
-            builder = LOCAL_FORMATS.get("".join(path.suffixes[-1:]).lower())
-            if builder is None:
-                raise UsageError(
-                    f"{cfg.dataset}: unsupported file type (use one of {', '.join(LOCAL_FORMATS)})"
-                )
+            builder, kwargs = local_format(path)
             if path.stat().st_size == 0:
                 raise UsageError(f"data file {cfg.dataset} is empty")
-            kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
             return datasets.load_dataset(builder, data_files=str(path), **kwargs)
         if path.is_dir():
             return datasets.load_dataset(str(path))
@@ -275,11 +336,18 @@ def _load_with_datasets(cfg: Config):
         raise
     except Exception as exc:  # datasets raises many types for "not found" / "offline"
         builtins = ", ".join(BUILTIN_DATASETS)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
             f"cannot load dataset {cfg.dataset!r} (built-ins: {builtins}; or a local file or "
-            f"a hub id): {first}"
+            f"a hub id): {_root_cause(exc)}"
         ) from exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost message: ``datasets`` wraps a parser's error in a generic one."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_text_splits(cfg: Config) -> TextSplits:
@@ -288,10 +356,14 @@ def load_text_splits(cfg: Config) -> TextSplits:
     if cfg.dataset in BUILTIN_DATASETS:
         corpus = BUILTIN_DATASETS[cfg.dataset]()
         if group_column is not None and group_column not in corpus.columns:
-            raise _missing_group_column(cfg, list(corpus.columns))
+            raise _missing_column("--partition", cfg.partition, cfg, list(corpus.columns))
+        split_column = cfg.split_by or corpus.split_by
+        if split_column is not None and split_column not in corpus.columns:
+            raise _missing_column("--split-by", split_column, cfg, list(corpus.columns))
         ids, names = _label_ids(corpus.labels, None)
+        split_by = None if split_column is None else (split_column, corpus.columns[split_column])
         groups = corpus.columns.get(group_column) if group_column else None
-        return _fixed_split(corpus.texts, ids, names, cfg.test_fraction, groups)
+        return _clean_split(corpus.texts, ids, names, cfg, split_by, groups)
 
     dataset_dict = _load_with_datasets(cfg)
     if "train" not in dataset_dict:
@@ -302,33 +374,65 @@ def load_text_splits(cfg: Config) -> TextSplits:
     columns = list(train.column_names)
     text_col = _pick_column(columns, cfg.text_column, TEXT_COLUMNS, "text", "--text-column")
     label_col = _pick_column(columns, cfg.label_column, LABEL_COLUMNS, "label", "--label-column")
-    feature = train.features[label_col]
-    class_names = getattr(feature, "names", None)
-    if group_column is not None and group_column not in columns:
-        raise _missing_group_column(cfg, [c for c in columns if c not in (text_col, label_col)])
+    others = [c for c in columns if c not in (text_col, label_col)]
+    class_names = getattr(train.features[label_col], "names", None)
+    for flag, column in (("--partition", group_column), ("--split-by", cfg.split_by)):
+        if column is not None and column not in columns:
+            raise _missing_column(flag, column, cfg, others)
     groups = list(train[group_column]) if group_column else None
 
     def texts_of(split) -> list[str]:
         return ["" if t is None else str(t) for t in split[text_col]]
 
-    test_name = next((s for s in ("test", "validation") if s in dataset_dict), None)
-    if test_name is not None and _has_labels(dataset_dict[test_name][label_col]):
+    # The first labelled held-out split: GLUE-style test splits carry -1 for "no label".
+    test_name = next(
+        (
+            name
+            for name in ("test", "validation")
+            if name in dataset_dict
+            and label_col in dataset_dict[name].column_names
+            and _has_labels(dataset_dict[name][label_col])
+        ),
+        None,
+    )
+    if test_name is not None and cfg.split_by is not None:
+        raise UsageError(
+            f"--split-by {cfg.split_by}: dataset {cfg.dataset!r} has its own labelled "
+            f"'{test_name}' split; --split-by applies only to data that fedmpi splits"
+        )
+    if test_name is not None:
         test = dataset_dict[test_name]
         all_labels = list(train[label_col]) + list(test[label_col])
         ids, names = _label_ids(all_labels, class_names)
-        splits = TextSplits(
-            texts_of(train), ids[: len(train)], texts_of(test), ids[len(train) :], names, groups
+        _check_classes(cfg, names)
+        train_texts, test_texts = texts_of(train), texts_of(test)
+        seen = {splits.normalise(t) for t in train_texts}
+        overlap = sum(splits.normalise(t) in seen for t in test_texts)
+        text_splits = TextSplits(
+            train_texts,
+            ids[: len(train)],
+            test_texts,
+            ids[len(train) :],
+            names,
+            groups,
+            f"the data's own '{test_name}' split as the test set ({overlap} of its "
+            f"{len(test_texts)} texts also occur in train)",
         )
     else:
         ids, names = _label_ids(list(train[label_col]), class_names)
-        splits = _fixed_split(texts_of(train), ids, names, cfg.test_fraction, groups)
-    if len(splits.train_texts) == 0:
+        _check_classes(cfg, names)
+        split_by = None if cfg.split_by is None else (cfg.split_by, list(train[cfg.split_by]))
+        text_splits = _clean_split(texts_of(train), ids, names, cfg, split_by, groups)
+    if len(text_splits.train_texts) == 0:
         raise UsageError(f"dataset {cfg.dataset!r} has no training examples")
+    return text_splits
+
+
+def _check_classes(cfg: Config, names: list[str]) -> None:
     if len(names) < 2:
         raise UsageError(
             f"dataset {cfg.dataset!r} has {len(names)} label value(s): need at least 2"
         )
-    return splits
 
 
 def _has_labels(labels: list) -> bool:
@@ -365,6 +469,8 @@ def cache_path(cfg: Config, tokenizer) -> Path:
         "text_column": cfg.text_column,
         "label_column": cfg.label_column,
         "test_fraction": cfg.test_fraction,
+        "data_seed": cfg.data_seed,
+        "split_by": cfg.split_by,
         "group_column": _group_column(cfg),
         "tokenizer": [type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)],
         "max_seq_len": cfg.max_seq_len,
@@ -401,39 +507,55 @@ def tokenize(
 
 
 def build_cache(cfg: Config, tokenizer, path: Path, progress: Callable[[str], None]) -> None:
-    """Load, tokenize and write the corpus to ``path`` atomically (temp file, fsync, rename)."""
-    splits = load_text_splits(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".h5.tmp")
-    os.close(fd)
+    """Load, tokenize and write the corpus to ``path`` atomically (temp file, fsync, rename).
+
+    The file's ``content_sha256`` (token ids, lengths and labels of both splits) names the
+    data a run trained on: checkpoints and results carry it, so a resumed run notices
+    changed data."""
+    text_splits = load_text_splits(cfg)
+    progress(text_splits.how_split)
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["label_names"] = json.dumps(splits.label_names)
-            f.attrs["dataset"] = cfg.dataset
-            f.attrs["tokenizer"] = tokenizer.name_or_path
-            f.attrs["max_seq_len"] = cfg.max_seq_len
-            for name, texts, labels in (
-                ("train", splits.train_texts, splits.train_labels),
-                ("test", splits.test_texts, splits.test_labels),
-            ):
-                progress(f"tokenizing {len(texts)} {name} examples")
-                ids, lengths = tokenize(texts, tokenizer, cfg.max_seq_len, progress)
-                group = f.create_group(name)
-                group.create_dataset("input_ids", data=ids)
-                group.create_dataset("lengths", data=lengths)
-                group.create_dataset("labels", data=labels.astype(np.int64))
-            if splits.train_groups is not None:
-                # Group values as ids (any type: movie names, speakers, numbers).
-                _, ids_of_groups = np.unique(
-                    np.asarray([str(g) for g in splits.train_groups]), return_inverse=True
-                )
-                f.create_dataset(f"train/groups/{_group_column(cfg)}", data=ids_of_groups)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.replacing(path) as tmp, h5py.File(tmp, "w") as f:
+            _write_cache(f, cfg, tokenizer, text_splits, progress)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the token cache in {path.parent}: {exc.strerror or exc} (set "
+            "--cache-dir or $FEDMPI_CACHE to a writable directory with free space)"
+        ) from exc
+
+
+def _write_cache(
+    f: h5py.File, cfg: Config, tokenizer, splits: TextSplits, progress: Callable[[str], None]
+) -> None:
+    content = hashlib.sha256(json.dumps(splits.label_names).encode())
+    f.attrs["label_names"] = json.dumps(splits.label_names)
+    f.attrs["dataset"] = cfg.dataset
+    f.attrs["tokenizer"] = tokenizer.name_or_path
+    f.attrs["max_seq_len"] = cfg.max_seq_len
+    f.attrs["how_split"] = splits.how_split
+    for name, texts, labels in (
+        ("train", splits.train_texts, splits.train_labels),
+        ("test", splits.test_texts, splits.test_labels),
+    ):
+        progress(f"tokenizing {len(texts)} {name} examples")
+        ids, lengths = tokenize(texts, tokenizer, cfg.max_seq_len, progress)
+        group = f.create_group(name)
+        for key, array in (
+            ("input_ids", ids),
+            ("lengths", lengths),
+            ("labels", labels.astype(np.int64)),
+        ):
+            group.create_dataset(key, data=array)
+            content.update(array.tobytes())
+    if splits.train_groups is not None:
+        # Group values as ids (any type: movie names, speakers, numbers).
+        _, ids_of_groups = np.unique(
+            np.asarray([str(g) for g in splits.train_groups]), return_inverse=True
+        )
+        f.create_dataset(f"train/groups/{_group_column(cfg)}", data=ids_of_groups)
+    f.attrs["content_sha256"] = content.hexdigest()
+    f.attrs["complete"] = True  # written last: a file without it is not a cache
 
 
 @dataclass
@@ -453,15 +575,38 @@ class CacheInfo:
     n_train: int
     n_test: int
     label_names: list[str]
+    how_split: str  # how the train/test split was made (see load_text_splits)
+    content_sha256: str  # identity of the tokenized data
+
+
+class IncompleteCache(UsageError):
+    """A cache file that is truncated, emptied or not a fedmpi cache: rebuild it."""
 
 
 def read_info(path: Path) -> CacheInfo:
-    with h5py.File(path, "r", locking=False) as f:
-        return CacheInfo(
-            n_train=len(f["train/labels"]),
-            n_test=len(f["test/labels"]),
-            label_names=json.loads(f.attrs["label_names"]),
-        )
+    """The cache's sizes and identity; IncompleteCache (naming the file) if it is unusable."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if not f.attrs.get("complete", False):
+                raise IncompleteCache(f"{path} was not completely written")
+            for split in ("train", "test"):
+                lengths = {len(f[f"{split}/{key}"]) for key in ("input_ids", "lengths", "labels")}
+                if len(lengths) != 1:
+                    raise IncompleteCache(f"{path}: its {split} columns differ in length")
+            return CacheInfo(
+                n_train=len(f["train/labels"]),
+                n_test=len(f["test/labels"]),
+                label_names=json.loads(f.attrs["label_names"]),
+                how_split=str(f.attrs["how_split"]),
+                content_sha256=str(f.attrs["content_sha256"]),
+            )
+    except (OSError, KeyError, ValueError) as exc:  # h5py: truncated, empty, not HDF5
+        raise IncompleteCache(f"{path} is not a readable token cache ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_rows(path: Path, split: str, rows: np.ndarray, block: int = 65536) -> TokenizedRows:

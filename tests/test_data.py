@@ -16,13 +16,89 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(minilm_dir())
 
 
-def test_builtin_rotten_tomatoes_has_a_fixed_split():
+@pytest.mark.parametrize("name", ["rotten_tomatoes", "tweets", "bbc_news", "debates"])
+def test_builtin_splits_are_clean_stratified_and_follow_the_data_seed(name):
+    from fedmpi.splits import normalise
+
+    splits = load_text_splits(Config(dataset=name))
+    train = {normalise(t) for t in splits.train_texts}
+    assert not train & {normalise(t) for t in splits.test_texts}  # no text on both sides
+    assert len({normalise(t) for t in splits.test_texts}) == len(splits.test_texts)
+    shares = [
+        np.bincount(x, minlength=len(splits.label_names)) / len(x)
+        for x in (splits.train_labels, splits.test_labels)
+    ]
+    tolerance = 0.03 if name == "rotten_tomatoes" else 0.005  # whole movies vs examples
+    assert np.abs(shares[0] - shares[1]).max() < tolerance, shares
+    assert "dropped" in splits.how_split and "data seed 0" in splits.how_split
+    same = load_text_splits(Config(dataset=name, seed=7))
+    assert same.test_texts == splits.test_texts  # --seed does not touch the data
+    other = load_text_splits(Config(dataset=name, data_seed=1))
+    assert other.test_texts != splits.test_texts  # --data-seed does
+
+
+def test_rotten_tomatoes_keeps_each_movie_on_one_side():
+    from fedmpi.data import BUILTIN_DATASETS
+    from fedmpi.data import splits as split_fns
+
+    corpus = BUILTIN_DATASETS["rotten_tomatoes"]()
+    movie_of = {}  # deduplication keeps a text's first copy, hence its first movie
+    for text, movie in zip(corpus.texts, corpus.columns["movie_name"], strict=True):
+        movie_of.setdefault(split_fns.normalise(text), movie)
     splits = load_text_splits(Config(dataset="rotten_tomatoes"))
-    assert splits.label_names == ["fresh", "rotten"]
-    assert len(splits.train_texts) + len(splits.test_texts) == 12808  # 'plot' rows dropped
-    assert len(splits.test_texts) == round(12808 * 0.2)
-    again = load_text_splits(Config(dataset="rotten_tomatoes", seed=7))
-    assert again.test_texts == splits.test_texts  # independent of --seed
+    train = {movie_of[split_fns.normalise(t)] for t in splits.train_texts}
+    test = {movie_of[split_fns.normalise(t)] for t in splits.test_texts}
+    assert len(test) > 50 and not train & test
+
+
+def test_validation_split_is_the_test_set_when_test_is_unlabelled(tmp_path):
+    write_csv(tmp_path / "train.csv", toy_rows(60, seed=0))
+    write_csv(tmp_path / "validation.csv", toy_rows(20, seed=1))
+    unlabelled = [(text, -1) for text, _ in toy_rows(30, seed=2)]
+    write_csv(tmp_path / "test.csv", unlabelled)
+    splits = load_text_splits(Config(dataset=str(tmp_path)))
+    assert splits.test_texts == [text for text, _ in toy_rows(20, seed=1)]
+    assert len(splits.train_texts) == 60 and "'validation'" in splits.how_split
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".csv.bz2", ".jsonl.xz", ".json.bz2", ".csv.zst"])
+def test_compressed_local_files_load(tmp_path, suffix):
+    import bz2
+    import gzip
+    import json
+    import lzma
+
+    import zstandard
+
+    rows = toy_rows(40, seed=3)
+    if ".csv" in suffix:
+        raw = write_csv(tmp_path / "plain.csv", rows).read_bytes()
+    else:
+        raw = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows).encode()
+    compress = {
+        ".gz": gzip.compress,
+        ".bz2": bz2.compress,
+        ".xz": lzma.compress,
+        ".zst": zstandard.ZstdCompressor().compress,
+    }["." + suffix.rsplit(".", 1)[1]]
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(compress(raw))
+    splits = load_text_splits(Config(dataset=str(path)))
+    assert len(splits.train_texts) + len(splits.test_texts) == len({t for t, _ in rows})
+
+
+@pytest.mark.parametrize(
+    "labels,message",
+    [
+        (["0.5", "1.25", "0.5", "2.0"], "is not a class"),
+        (["1", "", "0", "1"], "is missing"),
+    ],
+)
+def test_labels_that_are_not_classes_are_refused(tmp_path, labels, message):
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{y}\n" for i, y in enumerate(labels)))
+    with pytest.raises(UsageError, match=message):
+        load_text_splits(Config(dataset=str(path)))
 
 
 def test_string_labels_map_to_sorted_ids(tmp_path):
@@ -48,6 +124,7 @@ def test_string_labels_map_to_sorted_ids(tmp_path):
     "content,extra,message",
     [
         ("", {}, "is empty"),
+        ("text,label\na,1\n", {"split_by": "movie"}, "--split-by movie: dataset .* no column"),
         ("words,label\na,1\nb,0\n", {}, "no text column found among \\['words', 'label'\\]"),
         ("text,label\na,1\nb,0\n", {"label_column": "stars"}, "label column 'stars' not found"),
         ("text,label\na,1\nb,1\n", {}, "has 1 label value"),
