@@ -1,13 +1,19 @@
-"""Checkpoints: the global model and the server optimizer's state at the end of a round.
+"""Checkpoints: the state at the end of a round, from which a resumed run continues exactly.
 
-Written by rank 0 to ``OUTPUT/checkpoint.h5`` (HDF5, no pickle) atomically: a temporary
-file in the same directory, fsync, rename. A SHA-256 over the arrays detects corruption;
-a fingerprint of the configuration refuses a checkpoint of another run.
+``OUTPUT/checkpoint.h5`` (HDF5, no pickle), written by rank 0: the global model's flat
+parameters, the server optimizer's state, and any other state a module registers (the
+privacy accountant). With ``--keep-local-opt`` each client's optimizer state is written
+by the rank hosting it to ``OUTPUT/client-states/client-K-round-R.h5`` (so it never has to
+travel, and a resume at another ``-np`` finds it by client, not by rank).
 
-Nothing else needs saving: every random stream (shards, cohorts, data order, dropout) is a
-function of (seed, client, round), and the local optimizers restart every round, so the
-round number is the whole sampler and RNG state. (With ``--keep-local-opt`` the clients'
-optimizer moments are not checkpointed: they restart from zero after a resume.)
+Every file is written atomically (temporary file, fsync, rename); a SHA-256 over the
+arrays *and* the round, fingerprint and format detects corruption and tampering; the
+fingerprint (the configuration that determines the result, the number of clients, the
+identity of the data) refuses a checkpoint of another run.
+
+Nothing else needs saving: every random stream (shards, cohorts, data order, dropout,
+noise) is a function of (seed, client, round), so the round number is the whole sampler
+and RNG state.
 """
 
 from __future__ import annotations
@@ -15,19 +21,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from fedmpi import atomic
 from fedmpi.config import Config
 from fedmpi.errors import UsageError
 
 CHECKPOINT_NAME = "checkpoint.h5"
-FORMAT = 1
+CLIENT_STATES = "client-states"
+FORMAT = 2
 # Settings that may change between a run and its resumption without changing the math.
 RESUMABLE = {
     "rounds",
@@ -43,6 +49,7 @@ RESUMABLE = {
     "verify_sync",
     "eval_batch_size",
     "on_nonfinite",
+    "diagnostics",
 }
 
 
@@ -50,71 +57,83 @@ RESUMABLE = {
 class Checkpoint:
     round: int  # rounds completed
     params: np.ndarray  # the global model's flat fp32 parameters
-    server_state: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]  # e.g. "server/m", "accountant/..."
 
 
-def fingerprint(cfg: Config) -> dict:
-    """The configuration that determines the result, as a JSON-able dict."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
+def fingerprint(cfg: Config, num_clients: int, data_sha256: str) -> dict:
+    """What determines the result: the configuration (less RESUMABLE settings), the
+    number of clients (``--clients`` may be omitted, then it follows ``-np``) and the
+    identity of the tokenized data (a changed file changes it)."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
+    return {**values, "clients": num_clients, "data_sha256": data_sha256}
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    sha = hashlib.sha256()
+def _digest(arrays: dict[str, np.ndarray], attrs: dict[str, object]) -> str:
+    sha = hashlib.sha256(json.dumps(attrs, sort_keys=True).encode())
     for name in sorted(arrays):
         sha.update(name.encode())
         sha.update(np.ascontiguousarray(arrays[name]).view(np.uint8))
     return sha.hexdigest()
 
 
-def save(path: Path, cfg: Config, checkpoint: Checkpoint) -> None:
-    arrays = {
-        "params": checkpoint.params,
-        **{f"server/{k}": v for k, v in checkpoint.server_state.items()},
-    }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".h5.tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, array in arrays.items():
-                f.create_dataset(name, data=array)
-            f.attrs["format"] = FORMAT
-            f.attrs["round"] = checkpoint.round
-            f.attrs["config"] = json.dumps(fingerprint(cfg), sort_keys=True)
-            f.attrs["sha256"] = _digest(arrays)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash
-        finally:
-            os.close(directory)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_atomically(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, array in arrays.items():
+            f.create_dataset(name, data=array)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["sha256"] = _digest(arrays, attrs)
 
 
-def load(path: Path, cfg: Config, numel: int) -> Checkpoint:
-    """Read and verify a checkpoint for this configuration, or raise UsageError saying why."""
+def _read_verified(path: Path, attr_names: tuple[str, ...]) -> tuple[dict, dict]:
     try:
         with h5py.File(path, "r") as f:
             arrays = {name: f[name][()] for name in _dataset_names(f)}
-            attrs = {k: f.attrs[k] for k in ("format", "round", "config", "sha256")}
+            attrs = {k: _plain(f.attrs[k]) for k in attr_names}
+            stored = f.attrs["sha256"]
     except (OSError, KeyError) as exc:
         raise UsageError(
             f"checkpoint {path} is corrupt or truncated ({exc}): remove it, or pass "
             "--overwrite to start over"
         ) from None
-    if attrs["sha256"] != _digest(arrays):
+    if stored != _digest(arrays, attrs):
         raise UsageError(f"checkpoint {path} fails its checksum: remove it, or pass --overwrite")
-    saved, current = json.loads(attrs["config"]), fingerprint(cfg)
-    differing = sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
+    return arrays, attrs
+
+
+def save(path: Path, identity: dict, checkpoint: Checkpoint) -> None:
+    arrays = {"params": checkpoint.params, **checkpoint.state}
+    attrs = {
+        "format": FORMAT,
+        "round": checkpoint.round,
+        "config": json.dumps(identity, sort_keys=True),
+    }
+    _write_atomically(path, arrays, attrs)
+
+
+def load(path: Path, identity: dict, numel: int) -> Checkpoint:
+    """Read and verify a checkpoint for this fingerprint, or raise UsageError saying why."""
+    arrays, attrs = _read_verified(path, ("format", "round", "config"))
+    if attrs["format"] != FORMAT:
+        raise UsageError(
+            f"checkpoint {path} has format {attrs['format']}, this fedmpi writes {FORMAT}: "
+            "pass --overwrite to start over"
+        )
+    saved = json.loads(attrs["config"])
+    differing = sorted(k for k in identity.keys() | saved.keys() if saved.get(k) != identity.get(k))
     if differing:
         details = ", ".join(
-            f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differing
+            f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in differing
+        )
+        hint = (
+            " (without --clients there is one client per rank: resume at the same -np, or "
+            "pass --clients)"
+            if "clients" in differing
+            else ""
         )
         raise UsageError(
-            f"checkpoint {path} belongs to another configuration ({details}): "
+            f"checkpoint {path} belongs to another configuration ({details}){hint}: "
             "pass --overwrite to start over, or another --output"
         )
     if arrays["params"].shape != (numel,):
@@ -122,11 +141,42 @@ def load(path: Path, cfg: Config, numel: int) -> Checkpoint:
             f"checkpoint {path} holds {arrays['params'].size} parameters, the model "
             f"has {numel}: it belongs to another model"
         )
-    server = {name.split("/", 1)[1]: a for name, a in arrays.items() if name.startswith("server/")}
-    return Checkpoint(int(attrs["round"]), arrays["params"], server)
+    params = arrays.pop("params")
+    return Checkpoint(int(attrs["round"]), params, arrays)
+
+
+def client_state_path(out_dir: Path, client: int, round_: int) -> Path:
+    return out_dir / CLIENT_STATES / f"client-{client}-round-{round_}.h5"
+
+
+def save_client_state(out_dir: Path, client: int, round_: int, arrays: dict) -> None:
+    attrs = {"format": FORMAT, "round": round_, "client": client}
+    _write_atomically(client_state_path(out_dir, client, round_), arrays, attrs)
+
+
+def load_client_state(out_dir: Path, client: int, round_: int) -> dict[str, np.ndarray] | None:
+    """A client's optimizer state at the end of ``round_`` (None: it had none yet)."""
+    path = client_state_path(out_dir, client, round_)
+    if not path.exists():
+        return None
+    arrays, _ = _read_verified(path, ("format", "round", "client"))
+    return arrays
+
+
+def remove_client_states(out_dir: Path, clients: list[int], keep_round: int | None) -> None:
+    """Delete these clients' state files of every round but ``keep_round``."""
+    folder = out_dir / CLIENT_STATES
+    for client in clients:
+        for path in folder.glob(f"client-{client}-round-*.h5"):
+            if keep_round is None or path != client_state_path(out_dir, client, keep_round):
+                path.unlink(missing_ok=True)
 
 
 def _dataset_names(f: h5py.File) -> list[str]:
     names: list[str] = []
     f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
     return names
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value

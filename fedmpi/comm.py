@@ -104,6 +104,20 @@ def collectively(world: World, fn: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
+def root_computes(world: World, fn: Callable[[], T]) -> T:
+    """Rank 0 runs ``fn`` (agreed on like any set-up phase) and every rank gets its result
+    (a small Python object, pickled: set-up only, never per round)."""
+    return world.comm.bcast(collectively(world, lambda: fn() if world.is_root else None), root=0)
+
+
+def root_first(world: World, fn: Callable[[], T]) -> T:
+    """Rank 0 runs ``fn`` first (it may download into a shared cache), then every other
+    rank runs it (from that cache); each rank keeps its own result."""
+    mine = collectively(world, lambda: fn() if world.is_root else None)
+    others = collectively(world, lambda: None if world.is_root else fn())
+    return mine if world.is_root else others
+
+
 def report_error(world: World, error: BaseException) -> None:
     """One line for a user error; the traceback (with the rank) for anything unexpected."""
     where = f"rank {world.rank}: " if world.size > 1 else ""

@@ -15,6 +15,9 @@ from typing import Any
 from fedmpi.errors import UsageError
 from fedmpi.partition import PartitionSpec
 
+SERVER_OPTIMIZERS = ("fedavg", "avgm", "adam", "yogi", "adagrad")
+DIAGNOSTICS_LEVELS = ("off", "norms", "full")
+
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -39,16 +42,28 @@ class Config:
     text_column: str | None = _opt(None, "text column (default: auto-detect 'text', 'sentence')")
     label_column: str | None = _opt(None, "label column (default: auto-detect 'label', 'labels')")
     test_fraction: float = _opt(
-        0.2, "fraction held out as the test set when the data has no test split"
+        0.2, "fraction held out as the test set when the data has no labelled test split"
+    )
+    split_by: str | None = _opt(
+        None,
+        "column whose values never straddle the train/test split fedmpi makes (default: "
+        "movie_name for rotten_tomatoes, none otherwise)",
+    )
+    data_seed: int = _opt(
+        0,
+        "seed of the data: the train/test split, the training subset and the test subset "
+        "(never --seed, so every --seed is scored on the same test set)",
     )
     train_samples: int | None = _opt(
         2000,
-        "cap on the total training set, split among the clients (a seeded random subset); "
-        "'all' for no cap",
+        "cap on the total training set, split among the clients (a random subset drawn "
+        "with --data-seed); 'all' for no cap",
         nullable="all",
     )
     test_samples: int | None = _opt(
-        1000, "cap on the test set (a seeded random subset); 'all' for no cap", nullable="all"
+        1000,
+        "cap on the test set (a random subset drawn with --data-seed); 'all' for no cap",
+        nullable="all",
     )
     max_seq_len: int = _opt(64, "maximum tokens per example (longer ones are truncated)")
 
@@ -76,7 +91,7 @@ class Config:
     server_opt: str = _opt(
         "fedavg",
         "server optimizer on the pseudo-gradient (global - average)",
-        choices=("fedavg", "avgm", "adam", "yogi", "adagrad"),
+        choices=SERVER_OPTIMIZERS,
     )
     server_lr: float = _opt(1.0, "server learning rate (avgm, adam, yogi, adagrad)")
     server_momentum: float = _opt(0.9, "server momentum of avgm")
@@ -103,7 +118,11 @@ class Config:
     eval_every: int = _opt(1, "evaluate the global model every N rounds (the last always)")
 
     # Where and how.
-    seed: int = _opt(42, "random seed (shards, data order, dropout, classifier head)")
+    seed: int = _opt(
+        42,
+        "training seed: shards, cohorts, data order, dropout and the classifier head "
+        "(the data itself follows --data-seed)",
+    )
     precision: str = _opt(
         "fp32",
         "compute precision of local training and evaluation (weights and averaging stay fp32)",
@@ -133,6 +152,12 @@ class Config:
     trust_remote_code: bool = _opt(False, "allow models whose code lives on the hub")
     verify_sync: bool = _opt(
         False, "after each round, check every rank holds bit-identical parameters"
+    )
+    diagnostics: str = _opt(
+        "full",
+        "per-round update diagnostics: off (non-finite check only), norms (client and "
+        "global update norms), full (also leave-one-out cosines and per-layer drift)",
+        choices=DIAGNOSTICS_LEVELS,
     )
 
     def validate(self, world_size: int) -> None:
@@ -181,7 +206,7 @@ class Config:
                     f"--clients-per-round {per_round:g} exceeds the "
                     f"{self.num_clients(world_size)} clients"
                 )
-        for name in ("weighting", "optimizer", "device", "server_opt", "on_nonfinite", "precision"):
+        for name in (f.name for f in dataclasses.fields(self) if "choices" in f.metadata):
             choices = _FIELDS[name].metadata["choices"]
             value = getattr(self, name)
             if value not in choices:

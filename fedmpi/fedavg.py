@@ -1,15 +1,23 @@
-"""FedAvg over MPI: one in-place Allreduce of ``[sum w_k*theta_k | sum w_k | metric sums]``.
+"""FedAvg over MPI: one in-place Allreduce of ``[sum_k (w_k / W) theta_k | tail of sums]``.
 
-Each rank accumulates its clients' weighted parameters into one payload buffer; a single
-``Allreduce(IN_PLACE, SUM)`` with the buffer protocol (no pickling) then gives every rank
-the same sums, and every rank divides by the same total weight: all ranks leave the round
-with bit-identical global parameters and no rank acts as a server.
+Every rank knows the round's total weight ``W`` before anyone trains: the cohort and the
+shard sizes are functions of the seed. So each client's parameters are scaled by
+``w_k / W`` as they enter the payload, and after one ``Allreduce(IN_PLACE, SUM)`` (buffer
+protocol, no pickling) the payload already *is* the weighted average, on every rank,
+bit-identical: no divide pass, no rank acting as a server. The tail carries the weight
+that actually arrived; when a client dropped out (skipped as non-finite) the average is
+rescaled once by ``W / arrived``.
+
+Aliasing, in one place: with at most one client on a rank and plain FedAvg on the server,
+the payload *is* the parameters' own storage (``FlatParameters.storage``, with room for the
+tail), which saves a copy of the model; the client's parameters are then scaled in place
+and the Allreduce leaves the new global model in them. ``reduces_in_place`` decides it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,15 +27,36 @@ from fedmpi.comm import World
 
 CUDA_AWARE_ENV = "FEDMPI_CUDA_AWARE_MPI"
 CHUNK_BYTES = int(os.environ.get("FEDMPI_ALLREDUCE_CHUNK_MB", "16")) * 2**20
+TAIL = ("weight", "loss_sum", "examples", "stop_votes")  # fp32 sums after the parameters
+
+
+def reduces_in_place(clients_on_rank: int, server_opt: str, fixed_denominator: bool) -> bool:
+    """Whether the payload can be the parameters themselves.
+
+    Not with several clients on the rank (the payload accumulates while the parameters
+    train the next client), with a server optimizer (it needs the average beside the
+    round's start) or with a fixed denominator (DP: the payload holds updates, not models).
+    """
+    return clients_on_rank <= 1 and server_opt == "fedavg" and not fixed_denominator
+
+
+@dataclass
+class RoundTotals:
+    """What the Allreduce gives every rank."""
+
+    average: torch.Tensor  # sum_k (w_k / W) theta_k: the payload's head, valid until reset
+    weight: float  # sum of w_k that arrived (W unless a client was skipped)
+    loss_sum: float  # sum of the clients' training losses x examples
+    examples: float  # training examples processed in the round
+    stop_votes: float  # ranks that were asked to stop (preemption)
 
 
 class WeightedAllreduce:
     """The round's aggregation buffer: accumulate clients locally, then reduce once.
 
-    On CPU the payload is handed to MPI as a zero-copy numpy view. On GPU it is staged
-    through one pinned host buffer allocated once, unless ``FEDMPI_CUDA_AWARE_MPI=1``
-    says the MPI library reads device memory, in which case the CUDA tensor goes to MPI
-    directly.
+    On CPU the payload goes to MPI as a zero-copy numpy view. On GPU it is staged through
+    one pinned host buffer allocated once, unless ``FEDMPI_CUDA_AWARE_MPI=1`` says the MPI
+    reads device memory, in which case the CUDA tensor goes to MPI directly.
     """
 
     def __init__(
@@ -35,19 +64,14 @@ class WeightedAllreduce:
         world: World,
         numel: int,
         device: torch.device | str,
-        n_metrics: int,
         staged: bool | None = None,
         in_place: torch.Tensor | None = None,
     ):
         """``staged``: reduce through a host copy (default: on GPU unless CUDA-aware).
-
-        ``in_place``: the parameters' own storage (``FlatParameters.storage`` with room for
-        the tail) to use as the payload, saving a copy of the model, for a rank that
-        trains at most one client per round: its ``add`` scales the parameters in place.
-        """
+        ``in_place``: the parameters' storage to reduce in (see ``reduces_in_place``)."""
         self.world = world
         self.numel = numel
-        size = numel + 1 + n_metrics
+        size = numel + len(TAIL)
         if in_place is not None and in_place.numel() != size:
             raise ValueError(f"in-place storage holds {in_place.numel()} floats, not {size}")
         self.in_place = in_place is not None
@@ -64,41 +88,57 @@ class WeightedAllreduce:
             host = torch.empty_like(self.payload, device="cpu")
             # Pinned memory makes the device<->host copies DMA at full speed.
             self.host = host.pin_memory() if torch.cuda.is_available() else host
-        # Metric sums are accumulated on the host and travel in the payload's fp32 tail
-        # (counts stay exact below 2**24 examples per round).
-        self.metrics = np.zeros(n_metrics, dtype=np.float64)
-        self.weight = 0.0
+        # Tail sums are kept on the host in float64 and travel in the payload's fp32 tail
+        # (counts stay exact below 2**24 per round).
+        self.tail = np.zeros(len(TAIL), dtype=np.float64)
+        self.denominator = 1.0
+        self.rescale = True
         self.clients = 0
 
-    def reset(self) -> None:
-        """Start a round. The payload itself is overwritten by the first ``add``."""
-        self.metrics[:] = 0.0
-        self.weight = 0.0
+    @property
+    def nbytes(self) -> int:
+        """Bytes this rank puts into the round's Allreduce."""
+        return self.payload.numel() * self.payload.element_size()
+
+    def begin_round(self, denominator: float, rescale: bool = True) -> None:
+        """Start a round whose contributions are divided by ``denominator`` (the cohort's
+        total weight). ``rescale=False`` keeps that denominator even when less weight
+        arrives (DP-FedAvg's fixed denominator). The payload is overwritten by the first
+        ``add``."""
+        if not denominator > 0:
+            raise ValueError(f"the round's denominator must be positive, got {denominator}")
+        self.tail[:] = 0.0
+        self.denominator = float(denominator)
+        self.rescale = rescale
         self.clients = 0
 
-    def add(self, params: torch.Tensor, weight: float, metrics: Sequence[float]) -> None:
-        """Add one client's parameters with its FedAvg weight, and its metric sums."""
+    def add(self, params: torch.Tensor, weight: float, loss_sum: float, examples: float) -> None:
+        """Add one client's parameters (or update) with its weight, and its training sums."""
         head = self.payload[: self.numel]
-        if self.in_place and self.clients > 0:
-            raise RuntimeError("an in-place payload takes one client per round")
+        if self.in_place:
+            if self.clients > 0:
+                raise RuntimeError("an in-place payload takes one client per round")
+            if params.data_ptr() != head.data_ptr():
+                raise RuntimeError("an in-place payload must be given the parameters it aliases")
+        scale = weight / self.denominator
         if self.clients == 0:
-            torch.mul(params, weight, out=head)  # one pass instead of zero + add
+            torch.mul(params, scale, out=head)  # one pass instead of zero + add
         else:
-            head.add_(params, alpha=weight)
+            head.add_(params, alpha=scale)
         self.clients += 1
-        self.weight += weight
-        self.add_metrics(metrics)
+        self.tail[TAIL.index("weight")] += weight
+        self.tail[TAIL.index("loss_sum")] += loss_sum
+        self.tail[TAIL.index("examples")] += examples
 
-    def add_metrics(self, values: Sequence[float]) -> None:
-        """Add to the metric sums without a client (e.g. a rank's vote to stop)."""
-        self.metrics += np.asarray(values, dtype=np.float64)
+    def vote_stop(self) -> None:
+        """This rank was asked to stop: every rank learns it from the Allreduce."""
+        self.tail[TAIL.index("stop_votes")] += 1
 
-    def allreduce(self) -> tuple[torch.Tensor, float, np.ndarray]:
-        """Sum over all ranks; returns (sum of w_k*theta_k, sum of w_k, metric sums)."""
+    def allreduce(self) -> RoundTotals:
+        """Sum over all ranks; the head is then the weighted average."""
         if self.clients == 0:
             self.payload.zero_()  # a rank without a client this round still joins, with zeros
-        tail = np.concatenate(([self.weight], self.metrics)).astype(np.float32)
-        self.payload[self.numel :].copy_(torch.from_numpy(tail))
+        self.payload[self.numel :].copy_(torch.from_numpy(self.tail.astype(np.float32)))
         if self.host is not None:
             self.host.copy_(self.payload)
             self._reduce(self.host.numpy())
@@ -108,8 +148,18 @@ class WeightedAllreduce:
             self._reduce(self.payload)
         else:
             self._reduce(self.payload.numpy())
-        tail_sums = self.payload[self.numel :].cpu().numpy().astype(np.float64)
-        return self.payload[: self.numel], float(tail_sums[0]), tail_sums[1:]
+        sums = dict(zip(TAIL, self.payload[self.numel :].cpu().numpy().tolist(), strict=True))
+        head = self.payload[: self.numel]
+        weight = float(sums["weight"])
+        if self.rescale and weight > 0 and abs(weight - self.denominator) > 1e-6 * weight:
+            head.mul_(self.denominator / weight)  # a client dropped out: average what came
+        return RoundTotals(
+            average=head,
+            weight=weight,
+            loss_sum=float(sums["loss_sum"]),
+            examples=float(sums["examples"]),
+            stop_votes=float(sums["stop_votes"]),
+        )
 
     def _reduce(self, buffer: np.ndarray | torch.Tensor) -> None:
         """In-place SUM in fixed slices of CHUNK_BYTES.

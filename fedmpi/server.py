@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-SERVER_OPTIMIZERS = ("fedavg", "avgm", "adam", "yogi", "adagrad")
+from fedmpi.config import SERVER_OPTIMIZERS, Config
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class ServerHyper:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ServerHyper:
+        return cls(
+            cfg.server_lr, cfg.server_momentum, cfg.server_beta1, cfg.server_beta2, cfg.server_tau
+        )
 
 
 class ServerOptimizer:
@@ -45,22 +52,15 @@ class ServerOptimizer:
             torch.full_like(like, hyper.tau**2) if name in ("adam", "yogi", "adagrad") else None
         )
 
-    def step(
-        self,
-        params: torch.Tensor,
-        start: torch.Tensor,
-        weighted_sum: torch.Tensor,
-        total_weight: float,
-    ) -> None:
-        if not total_weight > 0:
-            raise RuntimeError("no client contributed to this round (total FedAvg weight is 0)")
+    def step(self, params: torch.Tensor, start: torch.Tensor, average: torch.Tensor) -> None:
+        """Write the new global model into ``params``. ``average`` (the clients' weighted
+        average) is used up: the adaptive optimizers compute the pseudo-gradient in it."""
         if self.name == "fedavg":
-            # Exactly the weighted average: one divide straight into the parameters.
-            torch.div(weighted_sum, total_weight, out=params)
+            if average.data_ptr() != params.data_ptr():  # in place, it already is the model
+                params.copy_(average)
             return
         h = self.hyper
-        # d = global - average, computed in the payload (it is rebuilt next round).
-        d = weighted_sum.div_(total_weight).neg_().add_(start)
+        d = average.neg_().add_(start)  # d = global - average, in the payload's memory
         params.copy_(start)
         if self.name == "avgm":
             self.m.mul_(h.momentum).add_(d)
@@ -81,11 +81,11 @@ class ServerOptimizer:
         """Tensors to checkpoint (empty for FedAvg, which keeps no state)."""
         return {k: t for k, t in (("m", self.m), ("v", self.v)) if t is not None}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict[str, np.ndarray | torch.Tensor]) -> None:
         mine = self.state()
         if set(state) != set(mine):
             raise ValueError(
                 f"server state holds {sorted(state)}, {self.name} needs {sorted(mine)}"
             )
         for name, tensor in mine.items():
-            tensor.copy_(state[name])
+            tensor.copy_(torch.as_tensor(state[name]))

@@ -34,25 +34,29 @@ def main() -> None:
         flat = FlatParameters(model)
         base = flat.buffer.numpy().copy()
 
-        aggregator = WeightedAllreduce(world, flat.numel, "cpu", n_metrics=1)
+        aggregator = WeightedAllreduce(world, flat.numel, "cpu")
         server = ServerOptimizer("fedavg", ServerHyper(), flat.buffer)
         mine = assign_clients(SIZES, world.size)[world.rank]
         # Round 1: every client. Round 2: a cohort of two, so some ranks contribute zeros.
-        for cohort in (range(len(SIZES)), (1, 3)):
-            aggregator.reset()
-            for client in (k for k in mine if k in cohort):
+        # Round 3: every client is expected, but client 2 drops out (skipped as non-finite):
+        # the average must be of the others, rescaled.
+        for cohort, dropped in ((range(len(SIZES)), ()), ((1, 3), ()), (range(len(SIZES)), (2,))):
+            aggregator.begin_round(denominator=sum(SIZES[k] for k in cohort))
+            for client in (k for k in mine if k in cohort and k not in dropped):
                 flat.buffer.copy_(torch.from_numpy(client_params(base, client)))
-                aggregator.add(flat.buffer, SIZES[client], [100.0 + client])
-            weighted_sum, total_weight, metrics = aggregator.allreduce()
-            server.step(flat.buffer, flat.buffer, weighted_sum, total_weight)
+                aggregator.add(flat.buffer, SIZES[client], 100.0 + client, SIZES[client])
+            totals = aggregator.allreduce()
+            server.step(flat.buffer, flat.buffer.clone(), totals.average)
 
+            arrived = [k for k in cohort if k not in dropped]
             expected = sum(
-                SIZES[k] * client_params(base, k).astype(np.float64) for k in cohort
-            ) / sum(SIZES[k] for k in cohort)
+                SIZES[k] * client_params(base, k).astype(np.float64) for k in arrived
+            ) / sum(SIZES[k] for k in arrived)
             got = flat.buffer.numpy().astype(np.float64)
             error = np.max(np.abs(got - expected))
-            assert total_weight == sum(SIZES[k] for k in cohort), total_weight
-            assert metrics[0] == sum(100.0 + k for k in cohort), metrics
+            assert totals.weight == sum(SIZES[k] for k in arrived), totals.weight
+            assert totals.loss_sum == sum(100.0 + k for k in arrived), totals.loss_sum
+            assert totals.examples == totals.weight
             assert np.allclose(got, expected, rtol=1e-6, atol=1e-6), f"max abs error {error}"
             # The model sees the result: its parameters are views into the flat buffer.
             first = next(model.parameters()).detach().numpy().ravel()

@@ -16,17 +16,18 @@ def main() -> None:
         )
         results = []
         for staged in (False, True):
-            reducer = WeightedAllreduce(world, params.numel(), "cpu", n_metrics=2, staged=staged)
+            reducer = WeightedAllreduce(world, params.numel(), "cpu", staged=staged)
             assert (reducer.host is not None) == staged
-            for _ in range(2):  # reused across rounds: nothing stale survives a reset
-                reducer.reset()
-                reducer.add(params, 3.0 + world.rank, [1.0, float(world.rank)])
-                summed, weight, metrics = reducer.allreduce()
-            results.append((summed.clone(), weight, metrics.copy()))
-        (direct, w1, m1), (staged_sum, w2, m2) = results
+            total = sum(3.0 + r for r in range(world.size))
+            for _ in range(2):  # reused across rounds: nothing stale survives a new round
+                reducer.begin_round(denominator=total)
+                reducer.add(params, 3.0 + world.rank, 1.0, float(world.rank))
+                totals = reducer.allreduce()
+            results.append((totals.average.clone(), totals.weight, totals.examples))
+        (direct, w1, e1), (staged_sum, w2, e2) = results
         assert torch.equal(direct, staged_sum)
-        assert w1 == w2 == sum(3.0 + r for r in range(world.size))
-        assert np.array_equal(m1, m2) and m1[1] == sum(range(world.size))
+        assert w1 == w2 == total
+        assert e1 == e2 == sum(range(world.size))
         if world.rank == 0:
             print("STAGING OK", flush=True)
 

@@ -1,0 +1,248 @@
+"""Set-up of a federated run, before its first round: placement, output, data, model.
+
+Every phase runs on every rank and agrees on failure (``comm.collectively``): bad input
+ends the job here, with one message and exit 2, before anything trains. What rank 0
+alone decides (the output directory, the token cache) reaches the others by broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmpi import checkpoint, data, faults, models, precision, provenance
+from fedmpi.batching import DeviceRows
+from fedmpi.comm import (
+    World,
+    collectively,
+    log,
+    root_computes,
+    root_first,
+    select_device,
+    usable_cores,
+)
+from fedmpi.config import Config
+from fedmpi.errors import UsageError
+from fedmpi.flat import FlatParameters
+from fedmpi.partition import PartitionSpec, assign_clients, make_shards, subsample
+from fedmpi.results import RESULTS_NAME
+
+
+@dataclass
+class FederationPlan:
+    """Who trains what. Computed identically on every rank from (config, seeds) alone."""
+
+    n_clients: int
+    shards: list[np.ndarray]  # training rows of each client
+    sizes: list[int]
+    weights: list[float]  # FedAvg weight of each client
+    label_histogram: np.ndarray  # (clients, classes)
+    client_rank: list[int]
+    my_clients: list[int]
+
+
+@dataclass
+class Job:
+    """Everything the round loop needs, identical on every rank except the local data."""
+
+    device: str
+    out_dir: Path
+    resuming: bool  # OUTPUT holds a checkpoint to continue from
+    info: data.CacheInfo
+    plan: FederationPlan
+    local_train: dict[int, DeviceRows]  # this rank's clients' shards, on the device
+    local_test: DeviceRows  # this rank's slice of the test set
+    test_identity: dict  # baselines and hash of the whole evaluated test set
+    model: torch.nn.Module
+    flat: FlatParameters
+
+
+def prepare(cfg: Config, world: World) -> Job:
+    device = collectively(world, lambda: _place(cfg, world))
+    models.quiet_transformers()
+
+    out_dir = Path(root_computes(world, lambda: _output_dir(cfg)))
+    resuming = root_computes(world, lambda: _check_output(out_dir, cfg))
+
+    cache = Path(root_computes(world, lambda: _prepare_cache(cfg, world)))
+    info = collectively(world, lambda: _read_info_everywhere(cache))
+    plan = collectively(world, lambda: _plan_federation(cfg, world, cache, info))
+    all_test_rows = subsample(info.n_test, cfg.test_samples, cfg.data_seed)
+    test_rows = np.array_split(all_test_rows, world.size)[world.rank]
+
+    def load_local_data() -> tuple[dict[int, DeviceRows], DeviceRows]:
+        faults.inject(world.rank, 0, "setup")
+        train = {
+            k: DeviceRows.from_rows(data.read_rows(cache, "train", plan.shards[k]), device)
+            for k in plan.my_clients
+        }
+        return train, DeviceRows.from_rows(data.read_rows(cache, "test", test_rows), device)
+
+    local_train, local_test = collectively(world, load_local_data)
+    test_identity = root_computes(
+        world, lambda: _test_identity(cache, all_test_rows, len(info.label_names))
+    )
+    log(world, f"data: {info.how_split}")
+    log(
+        world,
+        f"data: {sum(plan.sizes)} training examples in {plan.n_clients} {cfg.partition} "
+        f"shards of {min(plan.sizes)}-{max(plan.sizes)}, {len(all_test_rows)} test examples "
+        f"(majority class {test_identity['majority_rate']:.3f}), "
+        f"{len(info.label_names)} classes {info.label_names}",
+    )
+
+    model = _load_model(cfg, world, info.label_names)
+    model.to(device)
+    # Flatten after the move: model.to() would replace the views with fresh tensors.
+    flat = FlatParameters(model, tail=4)
+    log(
+        world,
+        f"model: {cfg.model} ({type(model).__name__}, {flat.numel / 1e6:.1f}M trainable "
+        f"parameters, {flat.numel * 4 / 2**20:.0f} MiB Allreduce payload)",
+    )
+    return Job(
+        device, out_dir, resuming, info, plan, local_train, local_test, test_identity, model, flat
+    )
+
+
+def _place(cfg: Config, world: World) -> str:
+    """One device per rank; CPU ranks on one node share its cores as torch threads."""
+    device = select_device(world, cfg.device)
+    precision.check(cfg.precision, device)
+    threads = cfg.threads or usable_cores(world)
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    log(
+        world,
+        f"{world.size} ranks, {cfg.num_clients(world.size)} clients, device {device}"
+        + (f", {threads} torch threads per rank" if device == "cpu" else ""),
+    )
+    return device
+
+
+def _plan_federation(
+    cfg: Config, world: World, cache: Path, info: data.CacheInfo
+) -> FederationPlan:
+    n_clients = cfg.num_clients(world.size)
+    n_classes = len(info.label_names)
+    rows = subsample(info.n_train, cfg.train_samples, cfg.data_seed)
+    if len(rows) < n_clients:
+        raise UsageError(
+            f"{len(rows)} training examples cannot give each of {n_clients} clients one"
+        )
+    spec = PartitionSpec.parse(cfg.partition)
+    labels = data.read_column(cache, "train", "labels")
+    groups = data.read_groups(cache, spec.column) if spec.kind == "by" else None
+    try:
+        shards = make_shards(
+            spec, rows, labels[rows], None if groups is None else groups[rows], n_clients, cfg.seed
+        )
+    except ValueError as exc:
+        raise UsageError(f"--partition {cfg.partition}: {exc}") from None
+    sizes = [len(shard) for shard in shards]
+    assignment = assign_clients(sizes, world.size)
+    client_rank = [0] * n_clients
+    for rank, clients in enumerate(assignment):
+        for client in clients:
+            client_rank[client] = rank
+    return FederationPlan(
+        n_clients=n_clients,
+        shards=shards,
+        sizes=sizes,
+        weights=[float(s) for s in sizes] if cfg.weighting == "examples" else [1.0] * n_clients,
+        label_histogram=np.stack([np.bincount(labels[s], minlength=n_classes) for s in shards]),
+        client_rank=client_rank,
+        my_clients=assignment[world.rank],
+    )
+
+
+def _prepare_cache(cfg: Config, world: World) -> str:
+    """Rank 0 loads and tokenizes the corpus once, or finds it cached (and rebuilds a
+    cache that is incomplete); the length limit is checked before any tokenizing."""
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    models.check_max_seq_len(cfg.model, cfg.max_seq_len, tokenizer, cfg.trust_remote_code)
+    path = data.cache_path(cfg, tokenizer)
+    if path.exists():
+        try:
+            data.read_info(path)
+            log(world, f"data: cached tokens {path}")
+            return str(path)
+        except data.IncompleteCache as exc:
+            log(world, f"data: {exc}: rebuilding it")
+    log(world, f"data: loading {cfg.dataset!r}, tokenizing into {path}")
+    data.build_cache(cfg, tokenizer, path, progress=lambda msg: log(world, f"data: {msg}"))
+    return str(path)
+
+
+def _read_info_everywhere(cache: Path) -> data.CacheInfo:
+    if not cache.exists():
+        raise UsageError(
+            f"the token cache {cache} written by rank 0 is not visible here: put "
+            "--cache-dir on a filesystem that every node shares"
+        )
+    return data.read_info(cache)
+
+
+def _test_identity(cache: Path, rows: np.ndarray, n_classes: int) -> dict:
+    """Baselines and hash of the evaluated test set, for results.h5."""
+    test = data.read_rows(cache, "test", rows)
+    return {
+        **provenance.baselines(test.labels, n_classes),
+        "test_sha256": provenance.rows_sha256(test),
+    }
+
+
+def _load_model(cfg: Config, world: World, label_names: list[str]) -> torch.nn.Module:
+    """Every rank loads a local model at once; a hub model is loaded by rank 0 first (it
+    may download), then by the others from the local cache. Rank 0's initial weights are
+    then broadcast so every rank starts identical even where random initialisation
+    differs between hosts."""
+
+    def load() -> torch.nn.Module:
+        torch.manual_seed(cfg.seed)
+        return models.load_model(cfg.model, label_names, cfg.trust_remote_code)
+
+    # Built-ins are already materialised: rank 0 loaded their tokenizer for the cache.
+    local = collectively(world, lambda: Path(models.resolve_model(cfg.model)).is_dir())
+    model = collectively(world, load) if local else root_first(world, load)
+    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+    vector = torch.nn.utils.parameters_to_vector(params).detach().contiguous()
+    world.comm.Bcast(vector.numpy(), root=0)
+    torch.nn.utils.vector_to_parameters(vector, params)
+    return model
+
+
+def _output_dir(cfg: Config) -> str:
+    if cfg.output:
+        return str(Path(cfg.output).expanduser())
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    slug = "-".join(Path(x).name.replace("_", "-") for x in (cfg.model, cfg.dataset))
+    return str(Path("runs") / f"{stamp}-{slug}")
+
+
+def _check_output(out_dir: Path, cfg: Config) -> bool:
+    """Whether this run resumes from OUTPUT's checkpoint; refuses to clobber results."""
+    has_checkpoint = (out_dir / checkpoint.CHECKPOINT_NAME).exists()
+    if cfg.resume and not has_checkpoint:
+        raise UsageError(
+            f"--resume: {out_dir} holds no {checkpoint.CHECKPOINT_NAME} to resume from"
+        )
+    if not has_checkpoint and (out_dir / RESULTS_NAME).exists() and not cfg.overwrite:
+        raise UsageError(
+            f"{out_dir} already holds {RESULTS_NAME} and no checkpoint: pass --overwrite or "
+            "another --output"
+        )
+    if cfg.overwrite and has_checkpoint:
+        (out_dir / checkpoint.CHECKPOINT_NAME).unlink()  # never resume a replaced run later
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".fedmpi-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output directory {out_dir} is not writable: {exc.strerror}") from exc
+    return has_checkpoint and not cfg.overwrite

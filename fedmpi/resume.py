@@ -1,0 +1,143 @@
+"""Writing and resuming checkpoints across ranks (the files themselves: ``checkpoint``).
+
+Rank 0 writes the global state (parameters, server optimizer, accountant); with
+``--keep-local-opt`` the rank hosting each client writes that client's optimizer state
+first, so the main file, written last, only ever names complete client files. A resume
+reads on rank 0, verifies, and broadcasts with the buffer protocol.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedmpi import checkpoint
+from fedmpi.client import LocalOptimizers
+from fedmpi.comm import World, collectively, log, wait_for_all
+from fedmpi.config import Config
+
+
+class Stateful(Protocol):
+    """Round-to-round state other than the parameters (a server optimizer, an accountant)."""
+
+    def state(self) -> dict[str, np.ndarray | torch.Tensor]: ...
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        cfg: Config,
+        world: World,
+        out_dir: Path,
+        identity: dict,
+        my_clients: list[int],
+        optimizers: LocalOptimizers,
+        stateful: dict[str, Stateful],
+    ) -> None:
+        """``identity``: ``checkpoint.fingerprint`` of this run; ``stateful``: named state
+        to save beside the parameters (keys become HDF5 groups)."""
+        self.cfg, self.world, self.out_dir = cfg, world, out_dir
+        self.path = out_dir / checkpoint.CHECKPOINT_NAME
+        self.identity = identity
+        self.my_clients = my_clients
+        self.optimizers = optimizers
+        self.stateful = stateful
+        self.saved_round: int | None = None  # the round of the checkpoint on disk, if any
+
+    def save(self, round_done: int, params: torch.Tensor) -> None:
+        """Collective: every rank calls it at the same point."""
+        if self.cfg.keep_local_opt:
+            for client in self.my_clients:
+                arrays = self.optimizers.state_arrays(client)
+                if arrays is not None:
+                    checkpoint.save_client_state(self.out_dir, client, round_done, arrays)
+            wait_for_all(self.world)  # every client file exists before the main file names it
+        if self.world.is_root:
+            state = {
+                f"{owner}/{name}": _numpy(value)
+                for owner, stateful in self.stateful.items()
+                for name, value in stateful.state().items()
+            }
+            checkpoint.save(
+                self.path,
+                self.identity,
+                checkpoint.Checkpoint(round_done, _numpy(params), state),
+            )
+        wait_for_all(self.world)  # nobody exits (and gets the job killed) before it is written
+        if self.cfg.keep_local_opt:
+            checkpoint.remove_client_states(self.out_dir, self.my_clients, keep_round=round_done)
+        self.saved_round = round_done
+
+    def save_preempted(self, round_done: int, params: torch.Tensor) -> bool:
+        """The checkpoint a preempted round falls back to; False when it is not exact.
+
+        When the last finished round is already on disk nothing is written: that file also
+        holds the clients' optimizer states as they were before the void round. Otherwise
+        the clients of this rank that trained in the void round keep the state they reached.
+        """
+        if self.saved_round == round_done:
+            return True
+        self.save(round_done, params)
+        return not self.cfg.keep_local_opt
+
+    def finish(self, last_round: int, params: torch.Tensor) -> None:
+        """A finished run leaves a checkpoint of its last round (to extend it with more
+        rounds) when it checkpoints at all, and none otherwise."""
+        if self.cfg.checkpoint_every:
+            if self.saved_round != last_round:
+                self.save(last_round, params)
+            return
+        if self.world.is_root:
+            self.path.unlink(missing_ok=True)
+        checkpoint.remove_client_states(self.out_dir, self.my_clients, keep_round=None)
+        self.saved_round = None
+
+    def resume(self, params: torch.Tensor) -> int:
+        """Load OUTPUT's checkpoint on rank 0 (verified), broadcast it into ``params`` and
+        the registered state; returns the rounds done."""
+        world = self.world
+        loaded = collectively(
+            world,
+            lambda: (
+                checkpoint.load(self.path, self.identity, params.numel()) if world.is_root else None
+            ),
+        )
+        layout = world.comm.bcast(
+            (loaded.round, {k: (v.shape, v.dtype.str) for k, v in loaded.state.items()})
+            if loaded
+            else None,
+            root=0,
+        )
+        rounds_done, shapes = layout
+        arrays = {"params": loaded.params if loaded else np.empty(params.numel(), np.float32)}
+        for name, (shape, dtype) in shapes.items():
+            arrays[name] = loaded.state[name] if loaded else np.empty(shape, np.dtype(dtype))
+        for array in arrays.values():
+            world.comm.Bcast(array, root=0)
+        params.copy_(torch.from_numpy(arrays.pop("params")))
+        for owner, stateful in self.stateful.items():
+            prefix = f"{owner}/"
+            stateful.load_state(
+                {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+            )
+        if self.cfg.keep_local_opt:
+
+            def load_clients() -> None:
+                for client in self.my_clients:
+                    state = checkpoint.load_client_state(self.out_dir, client, rounds_done)
+                    if state is not None:
+                        self.optimizers.load_state(client, state)
+
+            collectively(world, load_clients)
+        self.saved_round = rounds_done
+        log(world, f"resuming from {self.path}: {rounds_done} rounds done")
+        return rounds_done
+
+
+def _numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
