@@ -1,15 +1,19 @@
-"""Summarise many runs: ``python -m fedmpi.report RUN_DIR... [--out DIR]``.
+"""Summarise many runs: ``python -m fedmpi.report RUN_DIR... [--output DIR] [--reach X]``.
 
 The paper's study (arXiv 2102.00875) is a grid of runs (model x task x number of clients),
-each writing its own ``results.h5``. This command gathers them into one table (``summary.md``
-and ``summary.csv``, one row per model x dataset x clients) and figures (``fedmpi.report_plots``),
-so the questions the paper asks can be read off directly: how accuracy falls as clients
-grow, how much slower convergence gets (rounds to reach 90% of the 1-client run's final
-accuracy), and which runs collapsed to chance.
+each writing its own ``results.h5``, repeated over seeds. This command groups the runs by
+their whole configuration except the seed (``fedmpi.report_runs``) and writes one row per
+group to ``summary.csv`` and ``summary.md``: the number of seeds, the mean and 95 %
+confidence half-width of the final and best accuracy and macro-F1, the test set's
+majority-class rate, how many seeds collapsed (not better than the majority class), the
+rounds each needs to reach X % of the 1-client (centralized) best accuracy, the bytes sent
+and the seconds per round; and figures with error bands (``fedmpi.report_plots``).
 
 A RUN_DIR is a run directory holding ``results.h5``, a parent directory (searched
-recursively), or a ``results.h5`` file itself. Missing paths and unreadable files are
-reported with one line and exit code 2, like ``python -m fedmpi``.
+recursively), or a ``results.h5`` file itself. Run paths in the tables are relative to the
+arguments' common directory, so the same runs give the same files from any working
+directory. Missing paths and unreadable files are reported with one line and exit code 2,
+like ``python -m fedmpi``.
 """
 
 from __future__ import annotations
@@ -17,248 +21,125 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
-from fedmpi.results import RESULTS_NAME, read_results
+from fedmpi.report_runs import (
+    COLLAPSE_F1_MARGIN,
+    COLLAPSE_STANDARD_ERRORS,
+    Group,
+    ReportError,
+    find_results,
+    group_runs,
+    load_run,
+)
 
 PROG = "python -m fedmpi.report"
-COLLAPSE_MARGIN = 0.02  # "collapsed": final accuracy within 2 points of chance
-REACH_FRACTION = 0.9  # convergence speed: rounds to 90% of the 1-client final accuracy
-_EPS = 1e-9  # so that exactly 2 points from chance counts as within 2 points
+DEFAULT_REACH = 90.0
 
 COLUMNS = [
     "model",
     "dataset",
     "clients",
+    "setting",
+    "seeds",
     "rounds",
-    "classes",
-    "chance",
+    "majority_rate",
     "final_accuracy",
+    "final_accuracy_ci95",
     "best_accuracy",
-    "best_round",
-    "rounds_to_90pct",
+    "best_accuracy_ci95",
+    "final_macro_f1",
+    "final_macro_f1_ci95",
+    "best_macro_f1",
+    "best_macro_f1_ci95",
     "collapsed",
-    "run",
+    "rounds_to_reach",
+    "reached",
+    "bytes_per_client_round",
+    "bytes_total",
+    "seconds_per_round",
+    "runs",
 ]
 
 
-class ReportError(Exception):
-    """A problem with the input that the user must fix: printed as one line, exit code 2."""
-
-
-@dataclass
-class Run:
-    """What the report needs from one results file."""
-
-    path: Path
-    model: str
-    dataset: str
-    clients: int
-    classes: int
-    rounds: np.ndarray  # round numbers (1-based), one per row written
-    accuracy: np.ndarray  # test accuracy per round, NaN where not evaluated
-    mean_cosine: np.ndarray | None = None  # mean client-update cosine per round
-    global_norm: np.ndarray | None = None  # norm of the global update per round
-
-    @property
-    def chance(self) -> float:
-        return 1.0 / self.classes
-
-    def evaluated(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rounds, accuracy) of the rounds that were evaluated (NaNs dropped)."""
-        keep = ~np.isnan(self.accuracy)
-        return self.rounds[keep], self.accuracy[keep]
-
-    @property
-    def final_accuracy(self) -> float:
-        """The last evaluated round's accuracy (a killed run keeps the rounds it finished)."""
-        _, acc = self.evaluated()
-        return float(acc[-1]) if acc.size else math.nan
-
-    @property
-    def best(self) -> tuple[float, int | None]:
-        rounds, acc = self.evaluated()
-        if not acc.size:
-            return math.nan, None
-        i = int(np.argmax(acc))
-        return float(acc[i]), int(rounds[i])
-
-    @property
-    def collapsed(self) -> bool | None:
-        final = self.final_accuracy
-        if math.isnan(final):
-            return None
-        return abs(final - self.chance) <= COLLAPSE_MARGIN + _EPS
-
-    def first_round_reaching(self, target: float) -> int | None:
-        rounds, acc = self.evaluated()
-        hits = np.flatnonzero(acc >= target - _EPS)
-        return int(rounds[hits[0]]) if hits.size else None
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def find_results(paths: list[str]) -> list[Path]:
-    """Every results file under the given paths, in a stable order."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_file():
-            found.append(path)
-        elif path.is_dir():
-            hits = sorted(path.rglob(RESULTS_NAME))
-            if not hits:
-                raise ReportError(f"{raw}: no {RESULTS_NAME} in this directory or below")
-            found.extend(hits)
-        else:
-            raise ReportError(f"{raw}: no such file or directory")
-    unique = dict.fromkeys(p.resolve() for p in found)
-    return list(unique)
-
-
-def _display_name(value: str) -> str:
-    """A local path is shown by its last component; names and hub ids as given."""
-    if value.startswith(("/", ".", "~")):
-        return Path(value).name or value
-    return value
-
-
-def _per_round(data: dict[str, Any], key: str, n: int) -> np.ndarray | None:
-    """A per-round dataset cut or NaN-padded to ``n`` rows (datasets are appended one by one,
-    so a run killed mid-round may hold one row more in some of them)."""
-    if key not in data:
-        return None
-    values = np.asarray(data[key], dtype=float)
-    out = np.full((n, *values.shape[1:]), np.nan)
-    m = min(n, values.shape[0])
-    out[:m] = values[:m]
-    return out
-
-
-def _row_mean(values: np.ndarray) -> np.ndarray:
-    """Mean over clients, ignoring NaN (clients not sampled); NaN for an all-NaN row."""
-    ok = ~np.isnan(values)
-    counts = ok.sum(axis=1)
-    sums = np.where(ok, values, 0.0).sum(axis=1)
-    return np.divide(sums, counts, out=np.full(len(values), np.nan), where=counts > 0)
-
-
-def load_run(path: Path) -> Run:
-    """Read one results file, raising ReportError (one line) if it is not a usable one."""
-    try:
-        data = read_results(path)
-    except Exception as exc:  # h5py raises OSError/KeyError/...; json may raise ValueError
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ReportError(f"{path}: not a readable fedmpi results file ({detail})") from exc
-    cfg = data["config"]
-    labels = data["label_names"]
-    if not isinstance(cfg, dict) or "model" not in cfg or "dataset" not in cfg:
-        raise ReportError(f"{path}: its 'config' attribute has no model/dataset")
-    if not isinstance(labels, list) or len(labels) < 2:
-        raise ReportError(f"{path}: 'label_names' must list at least 2 classes")
-    accuracy = np.asarray(data.get("metrics/test_accuracy", []), dtype=float).reshape(-1)
-    n = len(accuracy)
-    if n == 0:
-        raise ReportError(f"{path}: no metrics/test_accuracy (no round finished?)")
-    rounds = _per_round(data, "round", n)
-    rounds = np.arange(1, n + 1) if rounds is None or np.isnan(rounds).any() else rounds
-    cosine = _per_round(data, "diagnostics/client_update_cosine", n)
-    return Run(
-        path=path,
-        model=_display_name(str(cfg["model"])),
-        dataset=_display_name(str(cfg["dataset"])),
-        clients=_num_clients(data, cfg, path),
-        classes=len(labels),
-        rounds=rounds.astype(int),
-        accuracy=accuracy,
-        mean_cosine=None if cosine is None else _row_mean(cosine.reshape(n, -1)),
-        global_norm=_per_round(data, "diagnostics/global_update_norm", n),
-    )
-
-
-def _num_clients(data: dict[str, Any], cfg: dict[str, Any], path: Path) -> int:
-    """``clients/sizes`` is the truth; ``config.clients`` is None for 'one per rank'."""
-    if "clients/sizes" in data:
-        return int(np.asarray(data["clients/sizes"]).size)
-    for value in (cfg.get("clients"), data["attrs"].get("num_clients")):
-        if value is not None:
-            return int(value)
-    raise ReportError(f"{path}: cannot tell the number of clients")
-
-
-def load_runs(paths: list[Path], skip_invalid: bool = False) -> list[Run]:
-    """Load every file; keep the newest of runs that share (model, dataset, clients)."""
-    runs: dict[tuple[str, str, int], Run] = {}
-    for path in paths:
-        try:
-            run = load_run(path)
-        except ReportError as exc:
-            if not skip_invalid:
-                raise
-            _warn(f"skipped {exc}")
-            continue
-        key = (run.model, run.dataset, run.clients)
-        if key in runs:
-            old, new = sorted([runs[key], run], key=lambda r: r.path.stat().st_mtime)
-            _warn(f"{'/'.join(map(str, key))}c: two runs, keeping {new.path}, not {old.path}")
-            run = new
-        runs[key] = run
-    return sorted(runs.values(), key=lambda r: (r.model, r.dataset, r.clients))
-
-
-# ---------------------------------------------------------------------------- the table
-
-
-def summary_rows(runs: list[Run], root: Path | None = None) -> list[dict[str, Any]]:
-    """One dict per run with the COLUMNS; None where a value does not apply."""
-    reference = {
-        (r.model, r.dataset): r.final_accuracy
-        for r in runs
-        if r.clients == 1 and not math.isnan(r.final_accuracy)
+def summary_rows(groups: list[Group], reach: float, root: Path) -> list[dict[str, Any]]:
+    """One dict per group with the COLUMNS; None where a value does not apply."""
+    references = {
+        g.first.group_key(): g.stat(lambda r: r.best[0])[0] for g in groups if g.first.clients == 1
     }
     rows = []
-    for run in runs:
-        best, best_round = run.best
-        target = reference.get((run.model, run.dataset))
-        path = run.path
-        if root is not None and path.is_relative_to(root):
-            path = path.relative_to(root)
+    for group in groups:
+        run = group.first
+        target = references.get(run.reference_key())
+        reaching = (
+            []
+            if target is None
+            else [r.first_round_reaching(reach / 100 * target) for r in group.runs]
+        )
+        reached = [x for x in reaching if x is not None]
+        final_acc = group.stat(lambda r: r.final_accuracy)
+        best_acc = group.stat(lambda r: r.best[0])
+        final_f1 = group.stat(lambda r: r.final_macro_f1)
+        best_f1 = group.stat(lambda r: r.best_macro_f1)
+        collapsed = [r.collapsed for r in group.runs if r.collapsed is not None]
         rows.append(
             {
                 "model": run.model,
                 "dataset": run.dataset,
                 "clients": run.clients,
-                "rounds": int(run.rounds.size),
-                "classes": run.classes,
-                "chance": run.chance,
-                "final_accuracy": _or_none(run.final_accuracy),
-                "best_accuracy": _or_none(best),
-                "best_round": best_round,
-                "rounds_to_90pct": (
-                    None if target is None else run.first_round_reaching(REACH_FRACTION * target)
+                "setting": group.setting,
+                "seeds": len(group.runs),
+                "rounds": int(max(r.rounds.size for r in group.runs)),
+                "majority_rate": _or_none(run.majority_rate),
+                "final_accuracy": _or_none(final_acc[0]),
+                "final_accuracy_ci95": _or_none(final_acc[1]),
+                "best_accuracy": _or_none(best_acc[0]),
+                "best_accuracy_ci95": _or_none(best_acc[1]),
+                "final_macro_f1": _or_none(final_f1[0]),
+                "final_macro_f1_ci95": _or_none(final_f1[1]),
+                "best_macro_f1": _or_none(best_f1[0]),
+                "best_macro_f1_ci95": _or_none(best_f1[1]),
+                "collapsed": f"{sum(collapsed)}/{len(group.runs)}" if collapsed else None,
+                "rounds_to_reach": sum(reached) / len(reached) if reached else None,
+                "reached": None if target is None else f"{len(reached)}/{len(group.runs)}",
+                "bytes_per_client_round": _or_none(_payload(group)),
+                "bytes_total": _or_none(group.stat(lambda r: r.bytes_total)[0]),
+                "seconds_per_round": _or_none(
+                    group.stat(lambda r: float(_nanmean(r.round_seconds)))[0]
                 ),
-                "collapsed": run.collapsed,
-                "run": str(path),
+                "runs": ";".join(_relative(r.path, root) for r in group.runs),
             }
         )
     return rows
 
 
+def _payload(group: Group) -> float:
+    values = [r.payload_bytes for r in group.runs if r.payload_bytes is not None]
+    return float(values[0][0]) if values else math.nan
+
+
+def _nanmean(values: np.ndarray | None) -> float:
+    if values is None or np.isnan(values).all():
+        return math.nan
+    return float(np.nanmean(values))
+
+
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def _or_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
+    return None if value is None or math.isnan(value) else value
 
 
 def _cell(value: Any, digits: int) -> str:
     if value is None:
         return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
@@ -266,30 +147,59 @@ def _cell(value: Any, digits: int) -> str:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(COLUMNS)
         for row in rows:
             writer.writerow([_cell(row[c], 6) for c in COLUMNS])
 
 
-def write_markdown(rows: list[dict[str, Any]], figures: list[Path], path: Path) -> None:
+def _pm(row: dict[str, Any], key: str) -> str:
+    mean, half = row[key], row[f"{key}_ci95"]
+    if mean is None:
+        return ""
+    return f"{mean:.3f}" + ("" if half is None else f" ± {half:.3f}")
+
+
+def write_markdown(
+    rows: list[dict[str, Any]], figures: list[Path], reach: float, path: Path
+) -> None:
     lines = [
         "# fedmpi report",
         "",
-        f"{len(rows)} runs. `rounds_to_90pct`: first round whose test accuracy reaches "
-        f"{REACH_FRACTION:.0%} of the 1-client run's final accuracy (same model and dataset; "
-        f"blank without a 1-client run or if never reached). `collapsed`: final accuracy "
-        f"within {COLLAPSE_MARGIN:.2f} of chance (1 / classes).",
+        f"{len(rows)} configurations, {sum(r['seeds'] for r in rows)} runs. Each row: the mean "
+        "over its seeds ± the half-width of a 95 % Student-t confidence interval (none for "
+        f"one seed). `collapsed`: seeds whose final accuracy is within "
+        f"{COLLAPSE_STANDARD_ERRORS:g} standard errors of the test set's majority-class rate "
+        f"(or whose macro-F1 is within {COLLAPSE_F1_MARGIN:g} of a constant predictor's). "
+        f"`rounds to {reach:g} %`: mean first round reaching {reach:g} % of the 1-client "
+        "run's mean best accuracy (same configuration otherwise), over the seeds that "
+        "reached it (`reached`). Bytes: what one client uploads per round (the Allreduce "
+        "payload), and all clients over the run.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|"
-        + "|".join("---" if c in ("model", "dataset", "run") else "---:" for c in COLUMNS)
-        + "|",
+        "| model | dataset | clients | setting | seeds | majority | final acc | best acc "
+        f"| final macro-F1 | collapsed | rounds to {reach:g} % | reached | MB/client/round "
+        "| s/round |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        cells = [_cell(row[c], 4) for c in COLUMNS]
-        if row["collapsed"]:
-            cells[COLUMNS.index("collapsed")] = "**yes**"
+        cells = [
+            row["model"],
+            row["dataset"],
+            str(row["clients"]),
+            row["setting"],
+            str(row["seeds"]),
+            _cell(row["majority_rate"], 3),
+            _pm(row, "final_accuracy"),
+            _pm(row, "best_accuracy"),
+            _pm(row, "final_macro_f1"),
+            _cell(row["collapsed"], 0),
+            _cell(row["rounds_to_reach"], 1),
+            _cell(row["reached"], 0),
+            ""
+            if row["bytes_per_client_round"] is None
+            else f"{row['bytes_per_client_round'] / 1e6:.1f}",
+            _cell(row["seconds_per_round"], 1),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if figures:
         lines += ["", "## Figures", ""]
@@ -308,8 +218,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Tables and figures from fedmpi runs: final/best accuracy, rounds to "
-        "90%% of the 1-client accuracy, collapse to chance, accuracy curves, diagnostics.",
+        description="Tables and figures from fedmpi runs, grouped over seeds: accuracy and "
+        "macro-F1 with 95%% intervals, majority-class baselines and collapse, rounds to "
+        "reach the 1-client accuracy, bytes and seconds per round.",
     )
     parser.add_argument(
         "runs",
@@ -318,7 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run directory (holding results.h5), a parent directory searched "
         "recursively, or a results.h5 file",
     )
-    parser.add_argument("--out", default="report", help="output directory (default: ./report)")
+    parser.add_argument(
+        "--output",
+        "--out",
+        dest="output",
+        default="report",
+        help="output directory (default: ./report)",
+    )
+    parser.add_argument(
+        "--reach",
+        type=float,
+        default=DEFAULT_REACH,
+        metavar="X",
+        help="convergence speed: rounds to reach X %% of the 1-client run's best accuracy "
+        f"(default: {DEFAULT_REACH:g})",
+    )
     parser.add_argument(
         "--skip-invalid",
         action="store_true",
@@ -335,10 +260,19 @@ def _warn(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        runs = load_runs(find_results(args.runs), args.skip_invalid)
+        if not 0 < args.reach <= 100:
+            raise ReportError(f"--reach must be in (0, 100], got {args.reach:g}")
+        runs = []
+        for path in find_results(args.runs):
+            try:
+                runs.append(load_run(path))
+            except ReportError as exc:
+                if not args.skip_invalid:
+                    raise
+                _warn(f"skipped {exc}")
         if not runs:
             raise ReportError("no readable results files")
-        out = Path(args.out).expanduser()
+        out = Path(args.output).expanduser()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -347,22 +281,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
-    rows = summary_rows(runs, root=Path.cwd().resolve())
+    groups = group_runs(runs, _warn)
+    root = Path(os.path.commonpath([Path(p).expanduser().resolve() for p in args.runs]))
+    if root.is_file():
+        root = root.parent
+    rows = summary_rows(groups, args.reach, root)
     write_csv(rows, out / "summary.csv")
-    figures = _figures(runs, out)
-    write_markdown(rows, figures, out / "summary.md")
-    print(f"{len(runs)} runs -> {out / 'summary.md'}, summary.csv, {len(figures)} figures")
+    figures = _figures(groups, out)
+    write_markdown(rows, figures, args.reach, out / "summary.md")
+    print(
+        f"{len(runs)} runs in {len(groups)} configurations -> {out / 'summary.md'}, "
+        f"summary.csv, {len(figures)} figures"
+    )
     return 0
 
 
-def _figures(runs: list[Run], out: Path) -> list[Path]:
+def _figures(groups: list[Group], out: Path) -> list[Path]:
     """The figures, or none (with a warning) where matplotlib is not installed."""
     try:
         from fedmpi import report_plots
     except ImportError as exc:
         _warn(f"figures skipped: {exc} (pip install matplotlib)")
         return []
-    return report_plots.write_figures(runs, out)
+    return report_plots.write_figures(groups, out)
 
 
 if __name__ == "__main__":

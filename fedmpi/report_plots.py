@@ -1,14 +1,17 @@
 """The report's figures (matplotlib, Agg backend: no display needed on a cluster node).
 
-Three kinds, each answering one of the study's questions:
+Each line is the mean over a configuration's seeds, its band (or error bar) the 95 %
+confidence interval; the dashed line is the test set's majority-class rate, what a model
+that always predicts one class scores. Three kinds, each answering one of the study's
+questions:
 
-* ``accuracy_<model>_<dataset>.png``: test accuracy per round, one line per client count,
-  with chance dashed: does convergence slow down, or collapse, as clients grow?
+* ``accuracy_<model>_<dataset>[_<setting>].png``: test accuracy per round, one line per
+  client count: does convergence slow down, or collapse, as clients grow?
 * ``final_accuracy_<dataset>.png``: final accuracy against the number of clients (log2
-  axis), one line per model: which architectures tolerate federated averaging?
-* ``diagnostics_<model>_<dataset>.png`` (only for runs that recorded ``diagnostics/*``):
-  the mean cosine of client updates to their average, and the norm of the global update,
-  per round: do client updates disagree (cosine falls) where accuracy collapses?
+  axis), one line per model (and setting): which models tolerate federated averaging?
+* ``diagnostics_<model>_<dataset>[_<setting>].png`` (runs with ``diagnostics/*``): the
+  mean leave-one-out cosine of client updates, and the norm of the global update, per
+  round: do client updates disagree where accuracy falls?
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -26,16 +28,20 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-if TYPE_CHECKING:
-    from fedmpi.report import Run
+from fedmpi.report_runs import Group  # noqa: E402
 
 
 def _slug(*parts: str) -> str:
-    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p).strip("-") for p in parts)
+    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p).strip("-") for p in parts if p)
 
 
 def _label(clients: int) -> str:
     return f"{clients} client" + ("" if clients == 1 else "s")
+
+
+def _title(group: Group) -> str:
+    run = group.first
+    return f"{run.model} on {run.dataset}" + (f" ({group.setting})" if group.setting else "")
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -51,52 +57,71 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def accuracy_curves(runs: list[Run], path: Path) -> Path:
-    """One model x dataset: accuracy vs round, a line per client count, chance dashed."""
+def _band(ax: plt.Axes, x: np.ndarray, mean: np.ndarray, half: np.ndarray, label: str) -> None:
+    (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
+    ok = ~np.isnan(half)
+    if ok.any():
+        ax.fill_between(
+            x[ok], (mean - half)[ok], (mean + half)[ok], alpha=0.2, color=line.get_color()
+        )
+
+
+def _majority(ax: plt.Axes, groups: list[Group]) -> None:
+    rate = groups[0].first.majority_rate
+    if not math.isnan(rate):
+        ax.axhline(rate, color="gray", linestyle="--", label="majority class")
+
+
+def accuracy_curves(groups: list[Group], path: Path) -> Path:
+    """One model x dataset x setting: accuracy per round, a line per client count."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in sorted(runs, key=lambda r: r.clients):
-        rounds, acc = run.evaluated()
-        ax.plot(rounds, acc, marker="o", markersize=3, label=_label(run.clients))
-    ax.axhline(runs[0].chance, color="gray", linestyle="--", label="chance")
-    ax.set(xlabel="round", ylabel="test accuracy", title=f"{runs[0].model} on {runs[0].dataset}")
+    for group in sorted(groups, key=lambda g: g.first.clients):
+        rounds, mean, half = group.curve(lambda r: r.accuracy)
+        _band(ax, rounds, mean, half, f"{_label(group.first.clients)} (n={len(group.runs)})")
+    _majority(ax, groups)
+    ax.set(xlabel="round", ylabel="test accuracy", title=_title(groups[0]))
     ax.legend(fontsize="small")
     return _save(fig, path)
 
 
-def final_vs_clients(runs: list[Run], path: Path) -> Path:
+def final_vs_clients(groups: list[Group], path: Path) -> Path:
     """One dataset: final accuracy vs number of clients (log2 axis), a line per model."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    by_model: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_model[run.model].append(run)
-    for model, group in sorted(by_model.items()):
-        group = sorted(group, key=lambda r: r.clients)
-        ax.plot(
-            [r.clients for r in group],
-            [r.final_accuracy for r in group],
+    lines: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    for group in groups:
+        lines[(group.first.model, group.setting)].append(group)
+    for (model, setting), members in sorted(lines.items()):
+        members = sorted(members, key=lambda g: g.first.clients)
+        stats = [g.stat(lambda r: r.final_accuracy) for g in members]
+        ax.errorbar(
+            [g.first.clients for g in members],
+            [m for m, _ in stats],
+            yerr=[0.0 if math.isnan(h) else h for _, h in stats],
             marker="o",
-            label=model,
+            capsize=3,
+            label=model + (f" ({setting})" if setting else ""),
         )
-    ax.axhline(runs[0].chance, color="gray", linestyle="--", label="chance")
+    _majority(ax, groups)
     ax.set_xscale("log", base=2)
-    clients = sorted({r.clients for r in runs})
+    clients = sorted({g.first.clients for g in groups})
     ax.set_xticks(clients, [str(c) for c in clients])
-    ax.set(xlabel="clients", ylabel="final test accuracy", title=runs[0].dataset)
+    ax.set(xlabel="clients", ylabel="final test accuracy", title=groups[0].first.dataset)
     ax.legend(fontsize="small")
     return _save(fig, path)
 
 
-def diagnostics(runs: list[Run], path: Path) -> Path:
-    """One model x dataset: mean client-update cosine and global update norm per round."""
+def diagnostics(groups: list[Group], path: Path) -> Path:
+    """One model x dataset x setting: mean client cosine and global update norm per round."""
     fig, (cos_ax, norm_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for run in sorted(runs, key=lambda r: r.clients):
-        label = _label(run.clients)
-        for ax, values in ((cos_ax, run.mean_cosine), (norm_ax, run.global_norm)):
-            if values is not None:
-                keep = ~np.isnan(values)
-                ax.plot(run.rounds[keep], values[keep], marker="o", markersize=3, label=label)
-    title = f"{runs[0].model} on {runs[0].dataset}"
-    cos_ax.set(xlabel="round", ylabel="mean cosine(client update, mean update)", title=title)
+    for group in sorted(groups, key=lambda g: g.first.clients):
+        label = _label(group.first.clients)
+        for ax, values in ((cos_ax, "mean_cosine"), (norm_ax, "global_norm")):
+            if all(getattr(r, values) is not None for r in group.runs):
+                rounds, mean, half = group.curve(lambda r, v=values: getattr(r, v))
+                if mean.size:
+                    _band(ax, rounds, mean, half, label)
+    title = _title(groups[0])
+    cos_ax.set(xlabel="round", ylabel="mean cosine(client update, others' mean)", title=title)
     norm_ax.set(xlabel="round", ylabel="global update L2 norm", title=title)
     for ax in (cos_ax, norm_ax):
         if ax.lines:
@@ -104,22 +129,20 @@ def diagnostics(runs: list[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_figures(runs: list[Run], out: Path) -> list[Path]:
-    """Every figure for these runs into ``out``; returns their paths."""
-    pairs: dict[tuple[str, str], list[Run]] = defaultdict(list)
-    datasets: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        pairs[(run.model, run.dataset)].append(run)
-        datasets[run.dataset].append(run)
+def write_figures(groups: list[Group], out: Path) -> list[Path]:
+    """Every figure for these groups into ``out``; returns their paths."""
+    curves: dict[tuple[str, str, str], list[Group]] = defaultdict(list)
+    datasets: dict[str, list[Group]] = defaultdict(list)
+    for group in groups:
+        curves[(group.first.model, group.first.dataset, group.setting)].append(group)
+        datasets[group.first.dataset].append(group)
     figures = []
-    for (model, dataset), group in sorted(pairs.items()):
-        figures.append(accuracy_curves(group, out / f"accuracy_{_slug(model, dataset)}.png"))
-        with_diagnostics = [
-            r for r in group if r.mean_cosine is not None or r.global_norm is not None
-        ]
+    for (model, dataset, setting), members in sorted(curves.items()):
+        slug = _slug(model, dataset, setting)
+        figures.append(accuracy_curves(members, out / f"accuracy_{slug}.png"))
+        with_diagnostics = [g for g in members if any(r.mean_cosine is not None for r in g.runs)]
         if with_diagnostics:
-            name = f"diagnostics_{_slug(model, dataset)}.png"
-            figures.append(diagnostics(with_diagnostics, out / name))
-    for dataset, group in sorted(datasets.items()):
-        figures.append(final_vs_clients(group, out / f"final_accuracy_{_slug(dataset)}.png"))
+            figures.append(diagnostics(with_diagnostics, out / f"diagnostics_{slug}.png"))
+    for dataset, members in sorted(datasets.items()):
+        figures.append(final_vs_clients(members, out / f"final_accuracy_{_slug(dataset)}.png"))
     return figures

@@ -1,0 +1,344 @@
+"""Runs and groups of runs, as the report reads them: what one results file says, which
+runs are seeds of one configuration, and the statistics over those seeds.
+
+Used by ``fedmpi.report`` (tables, command line) and ``fedmpi.report_plots`` (figures).
+
+**Collapsed** (a run): its final accuracy is not significantly above the majority-class
+rate ``p`` of its test set, i.e. ``accuracy <= p + 2 * sqrt(p * (1 - p) / n)`` for ``n``
+test examples (two standard errors of a constant predictor's score), or its final
+macro-F1 is within 0.01 of a constant predictor's, ``2p / (1 + p) / classes``. Both catch
+a model that predicts one class, which scores ``p``, not ``1 / classes``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmpi.results import RESULTS_NAME, read_results
+
+COLLAPSE_STANDARD_ERRORS = 2.0
+COLLAPSE_F1_MARGIN = 0.01
+_EPS = 1e-9
+# Settings that do not change what a run computes, or are what varies between its seeds.
+NOT_CONFIGURATION = {
+    "seed",
+    "output",
+    "overwrite",
+    "resume",
+    "threads",
+    "device",
+    "cache_dir",
+    "checkpoint_every",
+    "eval_batch_size",
+    "verify_sync",
+    "save_model",
+    "on_nonfinite",
+    "diagnostics",
+    "trust_remote_code",
+}
+# Shown as their own columns (or, for clients, derived from the file), not in "setting".
+OWN_COLUMNS = ("model", "dataset", "clients")
+
+
+class ReportError(Exception):
+    """A problem with the input that the user must fix: printed as one line, exit code 2."""
+
+
+@dataclass
+class Run:
+    """What the report needs from one results file."""
+
+    path: Path
+    config: dict[str, Any]  # the run's configuration, clients resolved to a number
+    classes: int
+    rounds: np.ndarray  # round numbers (1-based), one per row
+    accuracy: np.ndarray  # test accuracy per round, NaN where not evaluated
+    macro_f1: np.ndarray
+    majority_rate: float = math.nan  # of the evaluated test set (NaN in old files)
+    majority_macro_f1: float = math.nan
+    test_examples: int = 0
+    test_sha256: str = ""
+    payload_bytes: np.ndarray | None = None  # per round, what one rank sends
+    cohort_sizes: np.ndarray | None = None  # per round, clients that trained
+    round_seconds: np.ndarray | None = None
+    mean_cosine: np.ndarray | None = None  # per round, mean leave-one-out client cosine
+    global_norm: np.ndarray | None = None
+
+    @property
+    def model(self) -> str:
+        return _display_name(str(self.config["model"]))
+
+    @property
+    def dataset(self) -> str:
+        return _display_name(str(self.config["dataset"]))
+
+    @property
+    def clients(self) -> int:
+        return int(self.config["clients"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.classes
+
+    def evaluated(self, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rounds, values) of the rounds that were evaluated (accuracy by default)."""
+        values = self.accuracy if values is None else values
+        keep = ~np.isnan(self.accuracy)
+        return self.rounds[keep], values[keep]
+
+    @property
+    def final_accuracy(self) -> float:
+        """The last evaluated round's accuracy (a killed run keeps the rounds it finished)."""
+        _, acc = self.evaluated()
+        return float(acc[-1]) if acc.size else math.nan
+
+    @property
+    def final_macro_f1(self) -> float:
+        _, f1 = self.evaluated(self.macro_f1)
+        return float(f1[-1]) if f1.size else math.nan
+
+    @property
+    def best(self) -> tuple[float, int | None]:
+        rounds, acc = self.evaluated()
+        if not acc.size:
+            return math.nan, None
+        i = int(np.argmax(acc))
+        return float(acc[i]), int(rounds[i])
+
+    @property
+    def best_macro_f1(self) -> float:
+        _, f1 = self.evaluated(self.macro_f1)
+        return float(np.max(f1)) if f1.size else math.nan
+
+    @property
+    def collapse_threshold(self) -> float:
+        """The accuracy a run must beat not to count as collapsed (see the module doc)."""
+        p, n = self.majority_rate, self.test_examples
+        return p + COLLAPSE_STANDARD_ERRORS * math.sqrt(p * (1 - p) / n) if n else math.nan
+
+    @property
+    def collapsed(self) -> bool | None:
+        """None where it cannot be told (no evaluated round, or no baselines in the file)."""
+        final, f1 = self.final_accuracy, self.final_macro_f1
+        if math.isnan(final) or math.isnan(self.majority_rate):
+            return None
+        return bool(
+            final <= self.collapse_threshold + _EPS
+            or f1 <= self.majority_macro_f1 + COLLAPSE_F1_MARGIN + _EPS
+        )
+
+    def first_round_reaching(self, target: float) -> int | None:
+        rounds, acc = self.evaluated()
+        hits = np.flatnonzero(acc >= target - _EPS)
+        return int(rounds[hits[0]]) if hits.size else None
+
+    @property
+    def bytes_total(self) -> float:
+        """Bytes all participating clients uploaded over the run (each sends the payload)."""
+        if self.payload_bytes is None or self.cohort_sizes is None:
+            return math.nan
+        return float(np.sum(self.payload_bytes * self.cohort_sizes))
+
+    def group_key(self) -> str:
+        """The configuration without what varies between seeds of one experiment."""
+        return json.dumps(
+            {k: v for k, v in self.config.items() if k not in NOT_CONFIGURATION}, sort_keys=True
+        )
+
+    def reference_key(self) -> str:
+        """The key of the 1-client (centralized) version of this run's configuration."""
+        config = {k: v for k, v in self.config.items() if k not in NOT_CONFIGURATION}
+        config.update(clients=1, clients_per_round=None)
+        return json.dumps(config, sort_keys=True)
+
+
+def _display_name(value: str) -> str:
+    """A local path is shown by its last component; names and hub ids as given."""
+    if value.startswith(("/", ".", "~")):
+        return Path(value).name or value
+    return value
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def find_results(paths: list[str]) -> list[Path]:
+    """Every results file under the given paths, in a stable order."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            hits = sorted(path.rglob(RESULTS_NAME))
+            if not hits:
+                raise ReportError(f"{raw}: no {RESULTS_NAME} in this directory or below")
+            found.extend(hits)
+        else:
+            raise ReportError(f"{raw}: no such file or directory")
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def _per_round(data: dict[str, Any], key: str, n: int) -> np.ndarray | None:
+    """A per-round dataset cut or NaN-padded to ``n`` rows."""
+    if key not in data:
+        return None
+    values = np.asarray(data[key], dtype=float)
+    out = np.full((n, *values.shape[1:]), np.nan)
+    m = min(n, values.shape[0])
+    out[:m] = values[:m]
+    return out
+
+
+def _row_mean(values: np.ndarray) -> np.ndarray:
+    """Mean over clients, ignoring NaN (clients not sampled); NaN for an all-NaN row."""
+    ok = ~np.isnan(values)
+    counts = ok.sum(axis=1)
+    sums = np.where(ok, values, 0.0).sum(axis=1)
+    return np.divide(sums, counts, out=np.full(len(values), np.nan), where=counts > 0)
+
+
+def load_run(path: Path) -> Run:
+    """Read one results file, raising ReportError (one line) if it is not a usable one."""
+    try:
+        data = read_results(path)
+    except Exception as exc:  # h5py raises OSError/KeyError/...; json may raise ValueError
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReportError(f"{path}: not a readable fedmpi results file ({detail})") from exc
+    cfg, labels, attrs = data["config"], data["label_names"], data["attrs"]
+    if not isinstance(cfg, dict) or "model" not in cfg or "dataset" not in cfg:
+        raise ReportError(f"{path}: its 'config' attribute has no model/dataset")
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise ReportError(f"{path}: 'label_names' must list at least 2 classes")
+    accuracy = np.asarray(data.get("metrics/test_accuracy", []), dtype=float).reshape(-1)
+    n = len(accuracy)
+    if n == 0:
+        raise ReportError(f"{path}: no metrics/test_accuracy (no round finished?)")
+    rounds = _per_round(data, "round", n)
+    rounds = np.arange(1, n + 1) if rounds is None or np.isnan(rounds).any() else rounds
+    cohort = _per_round(data, "clients/cohort", n)
+    cosine = _per_round(data, "diagnostics/client_update_cosine", n)
+    macro_f1 = _per_round(data, "metrics/test_macro_f1", n)
+    return Run(
+        path=path,
+        config={**cfg, "clients": _num_clients(data, cfg, path)},
+        classes=len(labels),
+        rounds=rounds.astype(int),
+        accuracy=accuracy,
+        macro_f1=np.full(n, np.nan) if macro_f1 is None else macro_f1,
+        majority_rate=float(attrs.get("majority_rate", math.nan)),
+        majority_macro_f1=float(attrs.get("majority_macro_f1", math.nan)),
+        test_examples=int(attrs.get("test_examples", 0)),
+        test_sha256=str(attrs.get("test_sha256", "")),
+        payload_bytes=_per_round(data, "comm/payload_bytes", n),
+        cohort_sizes=None if cohort is None else cohort.reshape(n, -1).sum(axis=1),
+        round_seconds=_per_round(data, "timing/round_s", n),
+        mean_cosine=None if cosine is None else _row_mean(cosine.reshape(n, -1)),
+        global_norm=_per_round(data, "diagnostics/global_update_norm", n),
+    )
+
+
+def _num_clients(data: dict[str, Any], cfg: dict[str, Any], path: Path) -> int:
+    """``clients/sizes`` is the truth; ``config.clients`` is None for 'one per rank'."""
+    if "clients/sizes" in data:
+        return int(np.asarray(data["clients/sizes"]).size)
+    for value in (cfg.get("clients"), data["attrs"].get("num_clients")):
+        if value is not None:
+            return int(value)
+    raise ReportError(f"{path}: cannot tell the number of clients")
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+def mean_and_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % Student-t confidence interval (NaN for n < 2)."""
+    x = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size == 1:
+        return float(x[0]), math.nan
+    from scipy.stats import t
+
+    half = t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean()), float(half)
+
+
+@dataclass
+class Group:
+    """The runs of one configuration that differ only in ``--seed``."""
+
+    runs: list[Run]
+    setting: str = ""  # the configuration keys that tell this group from others
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.runs)
+
+    def stat(self, value) -> tuple[float, float]:
+        return mean_and_ci95([value(r) for r in self.runs])
+
+    def curve(self, values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rounds, mean, ci95) per round over the seeds, of ``values(run)`` (per-round
+        arrays; rounds evaluated in every run)."""
+        n = min(len(r.rounds) for r in self.runs)
+        stacked = np.stack([values(r)[:n] for r in self.runs])
+        rounds = self.first.rounds[:n]
+        keep = ~np.isnan(stacked).any(axis=0)
+        stats = [mean_and_ci95(list(column)) for column in stacked[:, keep].T]
+        mean = np.array([m for m, _ in stats])
+        half = np.array([h for _, h in stats])
+        return rounds[keep], mean, half
+
+
+def group_runs(runs: list[Run], warn) -> list[Group]:
+    """Runs with the same configuration but the seed are one group; a second run of the
+    same configuration *and* seed replaces the older one (with a warning), and groups
+    whose runs were scored on different test sets are flagged."""
+    by_key: dict[str, dict[int, Run]] = {}
+    for run in runs:
+        seeds = by_key.setdefault(run.group_key(), {})
+        if run.seed in seeds:
+            old, new = sorted([seeds[run.seed], run], key=lambda r: r.path.stat().st_mtime)
+            warn(
+                f"two runs of one configuration and seed {run.seed}: keeping {new.path}, "
+                f"not {old.path}"
+            )
+            run = new
+        seeds[run.seed] = run
+    groups = [Group(sorted(s.values(), key=lambda r: r.seed)) for s in by_key.values()]
+    varying = _varying_keys([g.first for g in groups])
+    for group in groups:
+        group.setting = ", ".join(
+            f"{k}={group.first.config.get(k)}" for k in varying if k not in OWN_COLUMNS
+        )
+        if len({r.test_sha256 for r in group.runs}) > 1:
+            group.warnings.append("seeds scored on different test sets")
+            warn(
+                f"{group.first.model}/{group.first.dataset}/{group.first.clients} clients: "
+                "its seeds were scored on different test sets (test_sha256 differs)"
+            )
+    return sorted(
+        groups, key=lambda g: (g.first.model, g.first.dataset, g.setting, g.first.clients)
+    )
+
+
+def _varying_keys(runs: list[Run]) -> list[str]:
+    """Configuration keys whose values differ among these runs (seeds excluded)."""
+    keys = sorted({k for r in runs for k in r.config} - NOT_CONFIGURATION)
+    return [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
