@@ -8,7 +8,9 @@ NP     ?= 4
 ARGS   ?=
 STAMP  := $(VENV)/.fedmpi-installed
 
-.PHONY: install run test lint bench grid clean
+STUDY_STAMP := $(VENV)/.fedmpi-study-installed
+
+.PHONY: install study-install run test lint bench study report clean
 
 install: $(STAMP)
 
@@ -32,10 +34,20 @@ lint: install
 	$(VENV)/bin/ruff check fedmpi tests bench
 	$(VENV)/bin/ruff format --check fedmpi tests bench
 
-## CPU-sized paper grid on the offline built-ins, then the report (see docs/reproducing.md);
-## shrink it with e.g. `make grid MODELS=minilm TASKS=rotten_tomatoes CLIENTS="1 2" ROUNDS=1`.
-grid: install
-	FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_grid.sh
+## The CPU study committed under study/ (~2.2 h on 2 cores; resumable: rerun to continue),
+## then its report: python -m fedmpi.report study/runs --output study/report.
+study-install: $(STUDY_STAMP)
+
+$(STUDY_STAMP): requirements-study.txt | $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements-study.txt
+	touch $@
+
+study: install study-install
+	FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
+
+## Regenerate the committed study's report from its results files.
+report: install
+	$(PY) -m fedmpi.report study/runs --output study/report
 
 bench: install
 	$(PY) bench/round_overhead.py --mpiexec $(MPIEXEC)

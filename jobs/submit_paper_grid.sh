@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Submit jobs/paper_grid.sbatch as 6 arrays of 12 runs, one per client count, each asking
-# for as many tasks (GPUs) as its runs have clients, instead of 32 for every run.
+# Submit jobs/paper_grid.sbatch as 6 arrays of 12 runs per seed (SEEDS, default "1 2 3"),
+# one per client count, each asking for as many tasks (GPUs) as its runs have clients,
+# instead of 32 for every run.
 # Run from anywhere; extra arguments go to every sbatch, e.g.
 #
 #   jobs/submit_paper_grid.sh --account=proj123 --partition=gpu
@@ -8,16 +9,20 @@
 #   GPUS_PER_NODE=8 jobs/submit_paper_grid.sh
 #   FEDMPI_GRID_DRY_RUN=1 jobs/submit_paper_grid.sh      # print the sbatch commands only
 #
-# Relies on the grid's index layout: the runs with 2^c clients are indices 12c..12c+11.
+# Relies on the grid's index layout: with S seeds, the runs with 2^c clients are indices
+# 12Sc..12S(c+1)-1. SEEDS is passed on to the jobs (sbatch exports the environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+read -r -a seeds <<<"${SEEDS:-1 2 3}"
+export SEEDS="${seeds[*]}"
+block=$((12 * ${#seeds[@]}))
 gpus_per_node=${GPUS_PER_NODE:-4}
 for c in 0 1 2 3 4 5; do
     clients=$((1 << c))
     per_node=$((clients < gpus_per_node ? clients : gpus_per_node))
     cmd=(
-        sbatch --array="$((12 * c))-$((12 * c + 11))" --ntasks="$clients"
+        sbatch --array="$((block * c))-$((block * c + block - 1))" --ntasks="$clients"
         --ntasks-per-node="$per_node" --gpus-per-node="$per_node" "$@" jobs/paper_grid.sbatch
     )
     if [[ "${FEDMPI_GRID_DRY_RUN:-0}" == 1 ]]; then

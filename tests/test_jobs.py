@@ -45,7 +45,7 @@ PAPER_FLAGS = {
 SETTINGS = re.compile(
     r"SLURM_.*|FEDMPI_.*|PAPER_OUT|OUT_ROOT|MODELS|TASKS|CLIENTS|ROUNDS|TRAIN_SAMPLES|"
     r"TEST_SAMPLES|MAX_SEQ_LEN|LOCAL_EPOCHS|BATCH_SIZE|LR|MAX_RANKS|GPUS_PER_NODE|"
-    r"CHECKPOINT_EVERY"
+    r"CHECKPOINT_EVERY|SEEDS|JOBS|RANKS|REPORT"
 )
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not SETTINGS.fullmatch(k)}
 
@@ -63,7 +63,7 @@ def bash(script: str, env: dict[str, str] | None = None, timeout: float = 60):
 
 def test_the_scripts_exist():
     names = {p.name for p in SCRIPTS}
-    assert {"run.sbatch", "paper_grid.sbatch", "local_grid.sh", "common.sh"} <= names
+    assert {"run.sbatch", "paper_grid.sbatch", "local_study.sh", "common.sh"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -123,7 +123,7 @@ def test_run_sbatch_header():
 
 def test_paper_grid_header():
     header = sbatch_header(JOBS / "paper_grid.sbatch")
-    assert header["--array"] == "0-71"
+    assert header["--array"] == "0-215"  # 72 combinations x 3 seeds
     assert int(header["--ntasks"]) == max(CLIENTS)  # the largest run's ranks
 
 
@@ -142,8 +142,8 @@ def flag(command: list[str], name: str) -> str:
 
 
 def test_paper_grid_covers_every_combination_once():
-    commands = dry_run_commands(range(72))
-    assert len(commands) == 72
+    commands = dry_run_commands(range(216))
+    assert len(commands) == 216
     seen = []
     for command in commands:
         assert command[:2] == ["srun", "--kill-on-bad-exit=1"]
@@ -153,44 +153,48 @@ def test_paper_grid_covers_every_combination_once():
             "fedmpi",
         ]
         model, task = flag(command, "--model"), flag(command, "--dataset")
-        clients = int(flag(command, "--clients"))
-        seen.append((model, task, clients))
+        clients, seed = int(flag(command, "--clients")), int(flag(command, "--seed"))
+        seen.append((model, task, clients, seed))
         assert int(flag(command, "-n")) == clients  # 32 tasks: every run gets its clients
         assert int(flag(command, "-N")) == -(-clients // 4)  # nodes of 4 tasks
-        assert flag(command, "--output") == f"runs/paper/{model}-{task}-{clients}c"
+        assert flag(command, "--output") == f"runs/paper/{model}-{task}-{clients}c-s{seed}"
+        assert flag(command, "--data-seed") == "0"  # the same data for every seed
         for name, value in PAPER_FLAGS.items():
             assert flag(command, name) == value
         assert flag(command, "--checkpoint-every") == "1"  # a node failure loses <= 1 round
         assert "--overwrite" not in command
         assert int(flag(command, "--train-samples")) % max(CLIENTS) == 0  # equal shards
-    assert sorted(seen) == sorted(itertools.product(MODELS, TASKS, CLIENTS))
-    assert len(set(seen)) == 72
+    assert sorted(seen) == sorted(itertools.product(MODELS, TASKS, CLIENTS, [1, 2, 3]))
+    assert len(set(seen)) == 216
 
 
 def test_paper_grid_blocks_and_decode_function():
     # The sourced script only defines functions; clients vary slowest (12 per block).
     result = bash(
-        "source jobs/paper_grid.sbatch; for i in 0 1 4 11 12 35 60 71; do grid_decode $i; done"
+        "source jobs/paper_grid.sbatch; for i in 0 1 4 11 12 35 36 108 215; do grid_decode $i; done"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "bert imdb 1",
-        "bert yelp_review_full 1",
-        "albert imdb 1",
-        "distilbert spooky 1",
-        "bert imdb 2",
-        "distilbert spooky 4",
-        "bert imdb 32",
-        "distilbert spooky 32",
+        "bert imdb 1 1",
+        "bert yelp_review_full 1 1",
+        "albert imdb 1 1",
+        "distilbert spooky 1 1",
+        "bert imdb 1 2",
+        "distilbert spooky 1 3",
+        "bert imdb 2 1",
+        "bert imdb 8 1",
+        "distilbert spooky 32 3",
     ]
-    for bad in ("72", "-1", "x"):
+    five = bash("source jobs/paper_grid.sbatch; grid_decode 359", env={"SEEDS": "1 2 3 4 5"})
+    assert five.stdout.split() == ["distilbert", "spooky", "32", "5"]
+    for bad in ("216", "-1", "x"):
         result = bash(f"source jobs/paper_grid.sbatch; grid_decode {bad}")
-        assert result.returncode == 2 and "array index must be 0..71" in result.stderr
+        assert result.returncode == 2 and "array index must be 0..215" in result.stderr
 
 
 def test_paper_grid_fewer_tasks_than_clients():
     result = bash(
-        "SLURM_ARRAY_TASK_ID=71 bash jobs/paper_grid.sbatch",
+        "SLURM_ARRAY_TASK_ID=215 bash jobs/paper_grid.sbatch",
         env={"FEDMPI_GRID_DRY_RUN": "1", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4(x2)"},
     )
     command = shlex.split(result.stdout)
@@ -216,45 +220,49 @@ def test_submit_script_sizes_each_block_to_its_clients():
         clients = {int(line.split()[2]) for line in decoded.stdout.splitlines()}
         assert clients == {int(opts["ntasks"])}
         assert opts["ntasks-per-node"] == opts["gpus-per-node"] == str(min(clients.pop(), 4))
-    assert covered == list(range(72))
+    assert covered == list(range(216))
 
 
-def test_local_grid_commands():
-    result = bash("bash jobs/local_grid.sh", env={"FEDMPI_GRID_DRY_RUN": "1"})
+def test_local_study_commands():
+    result = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1"})
     assert result.returncode == 0, result.stderr
     *runs, report = [shlex.split(line) for line in result.stdout.splitlines()]
-    assert len(runs) == 3 * 4 * 3
+    assert len(runs) == 2 * 2 * 5 * 3
     seen = set()
     for command in runs:
         assert command[0].endswith("mpiexec") and command[4:6] == ["-m", "fedmpi"]
         model, task = flag(command, "--model"), flag(command, "--dataset")
-        clients = int(flag(command, "--clients"))
-        seen.add((model, task, clients))
-        assert int(flag(command, "-n")) == (1 if clients == 1 else 2)  # fedmpi: ranks <= clients
-        assert flag(command, "--output") == f"runs/local-grid/{model}-{task}-{clients}c"
-        assert flag(command, "--lr") == ("1e-3" if model == "albert-tiny" else "5e-5")
+        clients, seed = int(flag(command, "--clients")), int(flag(command, "--seed"))
+        seen.add((model, task, clients, seed))
+        assert flag(command, "-n") == "1" and flag(command, "--data-seed") == "0"
+        assert flag(command, "--output") == f"study/runs/{model}-{task}-{clients}c-s{seed}"
+        assert flag(command, "--lr") == ("5e-5" if model == "mpnet" else "1e-4")
+        assert flag(command, "--train-samples") == "256"  # the total, whatever the clients
+        assert flag(command, "--checkpoint-every") == "1"  # resumable at every round
     assert seen == set(
         itertools.product(
-            ["minilm", "distil-minilm", "albert-tiny"],
-            ["rotten_tomatoes", "tweets", "bbc_news", "debates"],
-            [1, 2, 4],
+            ["minilm", "mpnet"], ["rotten_tomatoes", "tweets"], [1, 2, 4, 8, 16], [1, 2, 3]
         )
     )
-    assert report[1:4] == ["-m", "fedmpi.report", "runs/local-grid"]
+    assert [int(flag(c, "--seed")) for c in runs] == sorted(int(flag(c, "--seed")) for c in runs)
+    assert report[1:] == ["-m", "fedmpi.report", "study/runs", "--output", "study/report"]
 
     small = bash(
-        "bash jobs/local_grid.sh",
+        "bash jobs/local_study.sh",
         env={
-            "FEDMPI_GRID_DRY_RUN": "1",
+            "FEDMPI_STUDY_DRY_RUN": "1",
             "MODELS": "minilm",
-            "TASKS": "rotten_tomatoes",
-            "CLIENTS": "1 2",
-            "ROUNDS": "1",
+            "TASKS": "tweets",
+            "CLIENTS": "1 16",
+            "SEEDS": "7",
+            "ROUNDS": "2",
         },
     )
     commands = [shlex.split(line) for line in small.stdout.splitlines()[:-1]]
-    assert [flag(c, "--clients") for c in commands] == ["1", "2"]
-    assert {flag(c, "--rounds") for c in commands} == {"1"}
+    assert [flag(c, "--clients") for c in commands] == ["1", "16"]
+    assert {flag(c, "--rounds") for c in commands} == {"2"} and {
+        flag(c, "--seed") for c in commands
+    } == {"7"}
 
 
 # ---------------------------------------------------------------------------- the launch path
@@ -411,10 +419,10 @@ def test_paper_grid_resumes_requeues_and_marks_done(fake_slurm, tmp_path):
     env = {
         **fake_slurm.env,
         "PAPER_OUT": str(tmp_path / "paper"),
-        "SLURM_ARRAY_TASK_ID": "12",
+        "SLURM_ARRAY_TASK_ID": "36",
         "SLURM_JOB_ID": "777",
     }
-    out = tmp_path / "paper" / "bert-imdb-2c"
+    out = tmp_path / "paper" / "bert-imdb-2c-s1"
 
     # Preempted: the array task requeues itself, and the run is not marked done.
     preempted = bash("bash jobs/paper_grid.sbatch", env={**env, "FAKE_SRUN_RC": "75"})
@@ -441,17 +449,17 @@ def test_paper_grid_resumes_requeues_and_marks_done(fake_slurm, tmp_path):
     # A failure is the job's exit status; the run is not marked done.
     failed = bash(
         "bash jobs/paper_grid.sbatch",
-        env={**env, "SLURM_ARRAY_TASK_ID": "13", "FAKE_SRUN_RC": "3"},
+        env={**env, "SLURM_ARRAY_TASK_ID": "37", "FAKE_SRUN_RC": "3"},
     )
     assert failed.returncode == 3
-    assert not (tmp_path / "paper" / "bert-yelp_review_full-2c" / "fedmpi.done").exists()
+    assert not (tmp_path / "paper" / "bert-yelp_review_full-2c-s1" / "fedmpi.done").exists()
     assert fake_slurm.events().count("scontrol requeue 777") == 1
 
     # results.h5 without a checkpoint (cut off before the first one): start over.
-    partial = tmp_path / "paper" / "bert-ag_news-2c"
+    partial = tmp_path / "paper" / "bert-ag_news-2c-s1"
     partial.mkdir(parents=True)
     (partial / "results.h5").touch()
-    restarted = bash("bash jobs/paper_grid.sbatch", env={**env, "SLURM_ARRAY_TASK_ID": "14"})
+    restarted = bash("bash jobs/paper_grid.sbatch", env={**env, "SLURM_ARRAY_TASK_ID": "38"})
     assert restarted.returncode == 0, restarted.stderr
     assert shlex.split(fake_slurm.launches()[-1])[-1] == "--overwrite"
 
@@ -464,7 +472,7 @@ def test_paper_grid_resumes_requeues_and_marks_done(fake_slurm, tmp_path):
 
 def test_mpirun_launcher_uses_the_runs_rank_count(fake_slurm, tmp_path):
     env = {**fake_slurm.env, "PAPER_OUT": str(tmp_path / "paper"), "FEDMPI_LAUNCHER": "mpirun"}
-    for index in ("0", "68"):  # bert imdb 1 and 32 clients
+    for index in ("0", "180"):  # bert imdb 1 and 32 clients
         result = bash(
             "bash jobs/paper_grid.sbatch",
             env={**env, "SLURM_NTASKS": "32", "SLURM_ARRAY_TASK_ID": index},
@@ -476,23 +484,27 @@ def test_mpirun_launcher_uses_the_runs_rank_count(fake_slurm, tmp_path):
     ]
 
 
-def test_local_grid_resumes_from_a_checkpoint_and_overwrites_without_one(tmp_path):
-    # The fake mpiexec (FEDMPI_MPIEXEC) logs the command; FEDMPI_PYTHON runs the report.
+def test_local_study_resumes_skips_and_cleans_up(tmp_path):
+    # A fake mpiexec logs the command and "finishes" by leaving a checkpoint behind;
+    # FEDMPI_PYTHON runs the report.
     fake = tmp_path / "mpiexec"
-    fake.write_text('#!/bin/bash\nprintf \'%s\\n\' "$*" >>"$FAKE_LOG"\n')
+    fake.write_text(
+        '#!/bin/bash\nprintf \'%s\\n\' "$*" >>"$FAKE_LOG"\n'
+        'args="$*"; out=${args##*--output }; out=${out%% *}; touch "$out/checkpoint.h5"\n'
+    )
     fake.chmod(0o755)
     log = tmp_path / "log"
-    root = tmp_path / "grid"
+    root = tmp_path / "runs"
     for name, files in (
-        ("minilm-tweets-1c", ["results.h5", "checkpoint.h5"]),
-        ("minilm-tweets-2c", ["results.h5"]),
-        ("minilm-tweets-4c", ["results.h5", "fedmpi.done"]),
+        ("minilm-tweets-1c-s1", ["results.h5", "checkpoint.h5"]),
+        ("minilm-tweets-2c-s1", ["results.h5"]),
+        ("minilm-tweets-4c-s1", ["results.h5", "fedmpi.done"]),
     ):
         (root / name).mkdir(parents=True)
         for file in files:
             (root / name / file).touch()
     result = bash(
-        "bash jobs/local_grid.sh",
+        "bash jobs/local_study.sh",
         env={
             "FEDMPI_MPIEXEC": str(fake),
             "FEDMPI_PYTHON": "true",
@@ -500,10 +512,16 @@ def test_local_grid_resumes_from_a_checkpoint_and_overwrites_without_one(tmp_pat
             "OUT_ROOT": str(root),
             "MODELS": "minilm",
             "TASKS": "tweets",
+            "CLIENTS": "1 2 4",
+            "SEEDS": "1",
         },
     )
     assert result.returncode == 0, result.stderr
-    commands = {flag(c, "--clients"): c for c in map(shlex.split, log.read_text().splitlines())}
+    lines = log.read_text().splitlines()
+    commands = {flag(c, "--clients"): c for c in map(shlex.split, lines)}
     assert sorted(commands) == ["1", "2"]  # 4 clients: done before, skipped
     assert "--overwrite" not in commands["1"]  # resumes from its checkpoint
     assert commands["2"][-1] == "--overwrite"  # nothing to resume from: start over
+    for clients in ("1", "2"):
+        run = root / f"minilm-tweets-{clients}c-s1"
+        assert (run / "fedmpi.done").exists() and not (run / "checkpoint.h5").exists()
