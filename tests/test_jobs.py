@@ -237,7 +237,7 @@ def test_local_study_commands():
         assert flag(command, "-n") == "1" and flag(command, "--data-seed") == "0"
         assert flag(command, "--output") == f"study/runs/{model}-{task}-{clients}c-s{seed}"
         assert flag(command, "--lr") == ("5e-5" if model == "mpnet" else "1e-4")
-        assert flag(command, "--train-samples") == "256"  # the total, whatever the clients
+        assert flag(command, "--train-samples") == "160"  # the total, whatever the clients
         assert flag(command, "--checkpoint-every") == "1"  # resumable at every round
     assert seen == set(
         itertools.product(

@@ -14,27 +14,37 @@ ETA, BETA1, BETA2, TAU, MOMENTUM = 0.1, 0.9, 0.99, 1e-3, 0.8
 HYPER = ServerHyper(lr=ETA, momentum=MOMENTUM, beta1=BETA1, beta2=BETA2, tau=TAU)
 
 
-def algorithm_2(name: str, x0: np.ndarray, averages: list[np.ndarray]) -> np.ndarray:
-    """x_T after one server step per round, as in the paper (v_{-1} = tau^2, m_{-1} = 0)."""
-    x = x0.astype(np.float64)
-    m = np.zeros_like(x)
-    v = np.full_like(x, TAU**2)
-    for average in averages:
+class Algorithm2:
+    """The server side of Algorithm 2, one round at a time (v_{-1} = tau^2, m_{-1} = 0)."""
+
+    def __init__(self, name: str, x0: np.ndarray) -> None:
+        self.name = name
+        self.m = np.zeros(x0.shape)
+        self.v = np.full(x0.shape, TAU**2)
+
+    def step(self, x: np.ndarray, average: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
         delta = average.astype(np.float64) - x  # Delta_t
-        if name == "fedavg":
-            x = x + delta
-        elif name == "avgm":
-            m = MOMENTUM * m + delta
-            x = x + ETA * m
-        else:
-            m = BETA1 * m + (1 - BETA1) * delta
-            if name == "adagrad":
-                v = v + delta**2
-            elif name == "yogi":
-                v = v - (1 - BETA2) * delta**2 * np.sign(v - delta**2)
-            else:  # adam
-                v = BETA2 * v + (1 - BETA2) * delta**2
-            x = x + ETA * m / (np.sqrt(v) + TAU)
+        if self.name == "fedavg":
+            return x + delta
+        if self.name == "avgm":
+            self.m = MOMENTUM * self.m + delta
+            return x + ETA * self.m
+        self.m = BETA1 * self.m + (1 - BETA1) * delta
+        if self.name == "adagrad":
+            self.v = self.v + delta**2
+        elif self.name == "yogi":
+            self.v = self.v - (1 - BETA2) * delta**2 * np.sign(self.v - delta**2)
+        else:  # adam
+            self.v = BETA2 * self.v + (1 - BETA2) * delta**2
+        return x + ETA * self.m / (np.sqrt(self.v) + TAU)
+
+
+def algorithm_2(name: str, x0: np.ndarray, averages: list[np.ndarray]) -> np.ndarray:
+    """x_T after one server step per round."""
+    server, x = Algorithm2(name, x0), x0
+    for average in averages:
+        x = server.step(x, average)
     return x
 
 
