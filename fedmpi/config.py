@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +163,13 @@ class Config:
 
     def validate(self, world_size: int) -> None:
         """Raise UsageError naming the first invalid value; cheap checks only (no I/O)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if field_type(f.name) is float and value is not None and not math.isfinite(value):
+                raise UsageError(f"--{_flag(f.name)} must be a finite number, got {value}")
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise UsageError(f"--{_flag(name)} must be in [0, 2^32), got {getattr(self, name)}")
         positive = ("rounds", "local_epochs", "batch_size", "eval_batch_size", "max_seq_len")
         for name in positive:
             if getattr(self, name) < 1:
@@ -242,12 +250,18 @@ class Config:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str) -> Config:
-        """Build from a mapping (a YAML file); keys may use dashes or underscores."""
+        """Build from a mapping (a YAML file); keys may use dashes or underscores. A null is
+        a value only for settings that can be none (``clients``, ``train_samples``, ...)."""
         known = {}
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in _FIELDS:
                 raise UsageError(f"{source}: unknown key {key!r}")
+            if name in known:
+                raise UsageError(f"{source}: {key!r} is given twice")
+            field_ = _FIELDS[name]
+            if value is None and field_.default is not None and "nullable" not in field_.metadata:
+                raise UsageError(f"{source}: {key!r} is empty (null): give a value or drop the key")
             known[name] = value if value is None else parse_value(name, value)
         return cls(**known)
 
@@ -269,9 +283,16 @@ def field_type(name: str) -> type:
 
 
 def parse_value(name: str, raw: Any) -> Any:
-    """Convert a flag's or a YAML key's value to the field's type, or raise UsageError."""
+    """Convert a flag's or a YAML key's value to the field's type, or raise UsageError.
+
+    YAML gives typed values: a list, a mapping, or a boolean where a number or a name is
+    expected is refused rather than coerced (``rounds: yes`` is not 1 round)."""
     kind = field_type(name)
     nullable = _FIELDS[name].metadata.get("nullable")
+    if isinstance(raw, list | dict | tuple | set):
+        raise UsageError(f"--{_flag(name)} expects a single value, got {raw!r}")
+    if isinstance(raw, bool) and kind is not bool:
+        raise UsageError(f"--{_flag(name)} expects {_EXPECTED[kind]}, got {raw!r}")
     if nullable is not None and str(raw).lower() == nullable:
         return None
     if kind is bool:
@@ -287,9 +308,11 @@ def parse_value(name: str, raw: Any) -> Any:
             return int(raw) if isinstance(raw, float) and raw.is_integer() else int(str(raw), 10)
         return kind(raw)
     except ValueError:
-        expected = {int: "an integer", float: "a number", str: "a string"}[kind]
         hint = f" or '{nullable}'" if nullable else ""
-        raise UsageError(f"--{_flag(name)} expects {expected}{hint}, got {raw!r}") from None
+        raise UsageError(f"--{_flag(name)} expects {_EXPECTED[kind]}{hint}, got {raw!r}") from None
+
+
+_EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def config_fields() -> list[dataclasses.Field]:

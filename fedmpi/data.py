@@ -448,8 +448,9 @@ def default_cache_dir() -> Path:
 
 
 def _dataset_identity(cfg: Config) -> str:
-    """What names the corpus: its name, or a local file's absolute path, size and mtime
-    (for ``spooky``, the file ``$FEDMPI_SPOOKY_CSV`` points at)."""
+    """What names the corpus: its name, or a local file's (or every file of a local
+    directory's) absolute path, size and modification time in nanoseconds; for ``spooky``,
+    the file ``$FEDMPI_SPOOKY_CSV`` points at. Editing a data file changes it."""
     if cfg.dataset == "spooky":
         path = Path(os.environ.get(SPOOKY_ENV, "")).expanduser()
     elif cfg.dataset in BUILTIN_DATASETS:
@@ -457,8 +458,9 @@ def _dataset_identity(cfg: Config) -> str:
     else:
         path = Path(cfg.dataset).expanduser()
     if path.is_file() or path.is_dir():
-        stat = path.stat()
-        return f"{cfg.dataset}:{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        stamps = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+        return f"{cfg.dataset}:" + hashlib.sha256("\n".join(stamps).encode()).hexdigest()
     return f"{cfg.dataset}:{cfg.dataset_config}"
 
 

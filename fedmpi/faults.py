@@ -8,6 +8,7 @@
     eval       during evaluation
     results    while rank 0 writes the results file
     nan        the rank's clients return non-finite parameters (see --on-nonfinite)
+    preempt    the rank acts as if it got SIGTERM during local training (exit 75)
 
 Unset (the normal case), every check is a no-op.
 """
@@ -18,7 +19,7 @@ import os
 from dataclasses import dataclass
 
 FAULT_ENV = "FEDMPI_FAULT"
-PHASES = ("setup", "train", "aggregate", "eval", "results", "nan")
+PHASES = ("setup", "train", "aggregate", "eval", "results", "nan", "preempt")
 
 
 class InjectedFault(RuntimeError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the sbatch scripts requeue on it
+EXIT_STALLED = 3  # preempted again and again in the same round: requeueing cannot help
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -25,6 +26,10 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signal = signum
+
+    def request(self) -> None:
+        """As if SIGTERM had arrived (fault injection in tests)."""
+        self.signal = signal.SIGTERM
 
     @property
     def requested(self) -> bool:

@@ -8,16 +8,21 @@ reads on rank 0, verifies, and broadcasts with the buffer protocol.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from fedmpi import checkpoint
+from fedmpi import atomic, checkpoint
 from fedmpi.client import LocalOptimizers
-from fedmpi.comm import World, collectively, log, wait_for_all
+from fedmpi.comm import World, collectively, log, root_computes, wait_for_all
 from fedmpi.config import Config
+
+PREEMPTIONS_NAME = "preemptions.json"
+MAX_STALLED_ENV = "FEDMPI_MAX_STALLED_LAUNCHES"
 
 
 class Stateful(Protocol):
@@ -85,9 +90,30 @@ class Checkpointer:
         self.save(round_done, params)
         return not self.cfg.keep_local_opt
 
+    def count_stalled_launches(self, round_done: int) -> int:
+        """Collective: how many launches in a row were preempted right after resuming from
+        ``round_done`` (this one included), kept in OUTPUT/preemptions.json. A job whose
+        single round outlasts its time limit would otherwise requeue forever."""
+
+        def count() -> int:
+            path = self.out_dir / PREEMPTIONS_NAME
+            seen = json.loads(path.read_text()) if path.exists() else {}
+            stalled = seen.get("launches", 0) + 1 if seen.get("round") == round_done else 1
+            with atomic.replacing(path) as tmp:
+                tmp.write_text(json.dumps({"round": round_done, "launches": stalled}) + "\n")
+            return stalled
+
+        return root_computes(self.world, count)
+
+    @staticmethod
+    def max_stalled_launches() -> int:
+        return int(os.environ.get(MAX_STALLED_ENV, "3"))
+
     def finish(self, last_round: int, params: torch.Tensor) -> None:
         """A finished run leaves a checkpoint of its last round (to extend it with more
         rounds) when it checkpoints at all, and none otherwise."""
+        if self.world.is_root:
+            (self.out_dir / PREEMPTIONS_NAME).unlink(missing_ok=True)
         if self.cfg.checkpoint_every:
             if self.saved_round != last_round:
                 self.save(last_round, params)

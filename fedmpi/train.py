@@ -15,6 +15,7 @@ import time
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from fedmpi.diagnostics import UpdateDiagnostics
 from fedmpi.evaluate import evaluate
 from fedmpi.fedavg import WeightedAllreduce, reduces_in_place
 from fedmpi.partition import sample_cohort
-from fedmpi.preemption import EXIT_PREEMPTED, StopRequest
+from fedmpi.preemption import EXIT_PREEMPTED, EXIT_STALLED, StopRequest
 from fedmpi.prepare import Job, prepare
 from fedmpi.results import RESULTS_NAME, ResultsWriter
 from fedmpi.resume import Checkpointer
@@ -71,6 +72,8 @@ def run(cfg: Config, world: World) -> None:
         diagnostics.start_round()
         for i, client in enumerate(k for k in plan.my_clients if k in cohort):
             faults.inject(world.rank, round_, "train")
+            if faults.should_fail(world.rank, round_, "preempt"):
+                stop.request()
             if stop.requested:
                 break
             if i > 0:
@@ -108,15 +111,7 @@ def run(cfg: Config, world: World) -> None:
         totals = aggregator.allreduce()
         if totals.stop_votes > 0:  # some rank was signalled: this round is void
             flat.buffer.copy_(round_start)
-            exact = checkpoints.save_preempted(round_ - 1, flat.buffer)
-            log(
-                world,
-                f"preempted in round {round_}: checkpoint of round {round_ - 1} in "
-                f"{checkpoints.path}"
-                + ("" if exact else " (clients that trained in the void round keep its state)")
-                + f"; exiting with {EXIT_PREEMPTED} (rerun to resume)",
-            )
-            raise SystemExit(EXIT_PREEMPTED)
+            _preempted(world, checkpoints, round_, flat.buffer, resumed=round_ == rounds_done + 1)
         if not totals.weight > 0:
             raise RuntimeError(f"no client contributed to round {round_} (all were skipped)")
         diagnostics.observe_average(totals.average, aggregator.denominator, round_start)
@@ -220,6 +215,34 @@ def _open_results(
     if rounds_done and path.exists():
         return ResultsWriter.reopen(path, rounds_done, attrs, static, launch)
     return ResultsWriter(path, attrs, static, launch)
+
+
+def _preempted(
+    world: World, checkpoints: Checkpointer, round_: int, params: torch.Tensor, resumed: bool
+) -> NoReturn:
+    """Checkpoint the last finished round and exit 75 (requeue), unless this is the
+    launches' third preemption in a row in the same round: then a single round outlasts
+    the time limit, and requeueing again would loop forever."""
+    exact = checkpoints.save_preempted(round_ - 1, params)
+    stalled = checkpoints.count_stalled_launches(round_ - 1) if resumed else 1
+    limit = checkpoints.max_stalled_launches()
+    if stalled >= limit:
+        log(
+            world,
+            f"error: round {round_} was cut short in {stalled} launches in a row without "
+            "finishing: one round takes longer than the job's time limit. Not requeueing: "
+            "raise the limit (sbatch --time) or shorten a round (fewer examples or local "
+            f"epochs per client); the checkpoint of round {round_ - 1} stays in "
+            f"{checkpoints.path}",
+        )
+        raise SystemExit(EXIT_STALLED)
+    log(
+        world,
+        f"preempted in round {round_}: checkpoint of round {round_ - 1} in {checkpoints.path}"
+        + ("" if exact else " (clients that trained in the void round keep its state)")
+        + f"; exiting with {EXIT_PREEMPTED} (rerun to resume)",
+    )
+    raise SystemExit(EXIT_PREEMPTED)
 
 
 def _nonfinite(cfg: Config, world: World, client: int, round_: int) -> None:

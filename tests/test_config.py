@@ -78,3 +78,55 @@ def test_readme_documents_every_flag():
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         assert f"`{flag}`" in readme, f"{flag} is missing from README.md's flag table"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("rounds: ~\n", "'rounds' is empty \\(null\\)"),
+        ("rounds: [1, 2]\n", "--rounds expects a single value"),
+        ("rounds: yes\n", "--rounds expects an integer, got True"),
+        ("lr: .nan\n", "--lr must be a finite number"),
+        ("rounds: 2\nrounds: 3\n", "'rounds' is given twice"),
+        ("batch-size: 2\nbatch_size: 3\n", "'batch_size' is given twice"),
+        ("model: {name: x}\n", "--model expects a single value"),
+        ("- rounds\n", "must hold a mapping"),
+        ("rounds: [\n", "is not valid YAML"),
+    ],
+)
+def test_every_yaml_value_is_validated_like_a_flag(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        parse_config(["--config", str(path)], world_size=1)
+
+
+def test_a_yaml_null_is_fine_where_the_default_is_none(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("clients: ~\noutput: null\n")
+    assert parse_config(["--config", str(path)], world_size=2).clients is None
+
+
+def test_a_binary_config_file_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(UsageError, match="is not a text"):
+        parse_config(["--config", str(path)], world_size=1)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--server-lr=-inf"], "--server-lr must be a finite number"),
+        (["--seed", "-1"], "--seed must be in \\[0, 2\\^32\\)"),
+        (["--data-seed", str(2**40)], "--data-seed must be in"),
+        (["--prox-mu", "inf"], "--prox-mu must be a finite number"),
+        (["--clients-per-round", "nan"], "--clients-per-round must be a finite number"),
+        (["--server-beta2", "1"], "--server-beta2 must be in \\[0, 1\\)"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_refused(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv, world_size=1)

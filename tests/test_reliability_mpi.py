@@ -116,26 +116,59 @@ def test_a_killed_rank_ends_the_whole_job(tiny_bert, toy_dataset, tmp_path):
 
 
 ROUNDS = 4
-COMMON = ("--clients", 2, "--rounds", ROUNDS, "--lr", "2e-3", "--local-epochs", 2)
+COMMON = ("--rounds", ROUNDS, "--lr", "2e-3", "--local-epochs", 2, "--checkpoint-every", 1)
+CONFIGS = {
+    # One client per rank, plain FedAvg: the parameters are reduced in place.
+    "fedavg": ("--clients", 2),
+    # State that must survive a checkpoint: the server's Adam moments and each client's
+    # own AdamW moments; 3 of 4 clients a round, so some have none yet.
+    "stateful": (
+        "--clients",
+        4,
+        "--clients-per-round",
+        3,
+        "--server-opt",
+        "adam",
+        "--server-lr",
+        "0.01",
+        "--keep-local-opt",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_bert, toy_dataset, tmp_path_factory):
-    """The reference: the same job run straight through, with a checkpoint every round."""
-    out = tmp_path_factory.mktemp("straight") / "out"
-    result = run_mpi(2, job(tiny_bert, toy_dataset, out, *COMMON, "--checkpoint-every", 1))
-    assert result.returncode == 0, result.output
-    return out
+def references(tiny_bert, toy_dataset, tmp_path_factory):
+    """The same jobs run straight through, by configuration name (made on first use)."""
+    made = {}
+
+    def reference(name: str) -> Path:
+        if name not in made:
+            out = tmp_path_factory.mktemp(f"straight-{name}") / "out"
+            result = run_mpi(2, job(tiny_bert, toy_dataset, out, *COMMON, *CONFIGS[name]))
+            assert result.returncode == 0, result.output
+            made[name] = out
+        return made[name]
+
+    return reference
 
 
-def final_params(out: Path) -> np.ndarray:
+def final_state(out: Path) -> dict[str, np.ndarray]:
+    """The last round's checkpoint: parameters, server state, clients' optimizer states."""
     with h5py.File(out / "checkpoint.h5") as f:
         assert f.attrs["round"] == ROUNDS
-        return f["params"][()]
+        names = ["params", *(f"server/{k}" for k in f.get("server", {}))]
+        state = {name: f[name][()] for name in names}
+    for path in sorted((out / "client-states").glob("*.h5")):
+        with h5py.File(path) as f:
+            state.update({f"{path.name}/{k}": f[k][()] for k in f})
+    return state
 
 
 def assert_same_run(out: Path, reference: Path) -> None:
-    assert np.array_equal(final_params(out), final_params(reference))  # bit-identical
+    got_state, want_state = final_state(out), final_state(reference)
+    assert got_state.keys() == want_state.keys()
+    for name, value in want_state.items():
+        assert np.array_equal(got_state[name], value), name  # bit-identical
     got, want = read_results(out / "results.h5"), read_results(reference / "results.h5")
     assert list(got["round"]) == list(range(1, ROUNDS + 1))  # each round exactly once
     for key in ("metrics/test_accuracy", "metrics/test_loss", "metrics/train_loss"):
@@ -143,18 +176,18 @@ def assert_same_run(out: Path, reference: Path) -> None:
 
 
 def test_same_seed_and_config_give_bit_identical_results(
-    uninterrupted, tiny_bert, toy_dataset, tmp_path
+    references, tiny_bert, toy_dataset, tmp_path
 ):
-    result = run_mpi(
-        2, job(tiny_bert, toy_dataset, tmp_path / "again", *COMMON, "--checkpoint-every", 1)
-    )
+    out = tmp_path / "again"
+    result = run_mpi(2, job(tiny_bert, toy_dataset, out, *COMMON, *CONFIGS["fedavg"]))
     assert result.returncode == 0, result.output
-    assert_same_run(tmp_path / "again", uninterrupted)
+    assert_same_run(out, references("fedavg"))
 
 
-def test_resume_after_sigkill_is_bit_identical(uninterrupted, tiny_bert, toy_dataset, tmp_path):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_resume_after_sigkill_is_bit_identical(name, references, tiny_bert, toy_dataset, tmp_path):
     out = tmp_path / "resumed"
-    args = job(tiny_bert, toy_dataset, out, *COMMON, "--checkpoint-every", 1)
+    args = job(tiny_bert, toy_dataset, out, *COMMON, *CONFIGS[name])
     proc = launch(2, args)
     wait_for_line(proc, f"round 2/{ROUNDS} |")
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a node failure would
@@ -164,24 +197,41 @@ def test_resume_after_sigkill_is_bit_identical(uninterrupted, tiny_bert, toy_dat
     result = run_mpi(2, args)  # the same command: resumes automatically
     assert result.returncode == 0, result.output
     assert "resuming from" in result.output
-    assert_same_run(out, uninterrupted)
+    assert_same_run(out, references(name))
+    if name == "stateful":  # the kept optimizer states were restored, not restarted
+        assert len(list((out / "client-states").glob("*.h5"))) == 4
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize(
+    ("signum", "name"), [(signal.SIGUSR1, "stateful"), (signal.SIGTERM, "fedavg")]
+)
 def test_preemption_checkpoints_and_exits_for_requeue(
-    signum, uninterrupted, tiny_bert, toy_dataset, tmp_path
+    signum, name, references, tiny_bert, toy_dataset, tmp_path
 ):
     out = tmp_path / "preempted"
-    args = job(tiny_bert, toy_dataset, out, *COMMON, "--checkpoint-every", 1)
+    args = job(tiny_bert, toy_dataset, out, *COMMON, *CONFIGS[name])
     proc = launch(2, args)
     wait_for_line(proc, f"round 1/{ROUNDS} |")
     os.kill(rank_pids(str(out))[1], signum)  # one rank only: the others learn it in the Allreduce
     code, output = finish(proc, timeout=60)
     assert code == EXIT_PREEMPTED, output
-    assert "preempted in round" in output
+    assert "preempted in round" in output and "keep its state" not in output  # exact
     result = run_mpi(2, args)
     assert result.returncode == 0, result.output
-    assert_same_run(out, uninterrupted)
+    assert_same_run(out, references(name))
+
+
+def test_a_finished_run_without_checkpoints_leaves_none(tiny_bert, toy_dataset, tmp_path):
+    """Preempted (a checkpoint of round 0 is written), resumed, finished with
+    --checkpoint-every 0: no stale checkpoint remains for a later --rounds N+1 to resume."""
+    out = tmp_path / "out"
+    args = job(tiny_bert, toy_dataset, out, "--clients", 2, "--rounds", 2)
+    preempted = run_mpi(2, args, env={"FEDMPI_FAULT": "0:1:preempt"})
+    assert preempted.returncode == EXIT_PREEMPTED, preempted.output
+    assert (out / "checkpoint.h5").exists()
+    resumed = run_mpi(2, args)
+    assert resumed.returncode == 0 and "resuming from" in resumed.output, resumed.output
+    assert not (out / "checkpoint.h5").exists() and not (out / "preemptions.json").exists()
 
 
 def test_nonfinite_client_is_skipped_or_aborts(tiny_bert, toy_dataset, tmp_path):
