@@ -89,7 +89,9 @@ def parse_config(argv: list[str] | None, world_size: int, is_root: bool = True) 
     values: dict[str, Any] = {}
     config_file = flags.pop("config", None)
     if config_file is not None:
-        values.update(_read_yaml(Path(config_file)))
+        from_file = _read_yaml(Path(config_file))
+        Config.from_mapping(from_file, source=config_file)  # its errors name its own keys
+        values.update({str(k).replace("-", "_"): v for k, v in from_file.items()})
     values.update(flags)
     cfg = Config.from_mapping(values, source=config_file or "command line")
     cfg.validate(world_size)
@@ -131,7 +133,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise UsageError(f"config file {path} must hold a mapping of settings")
-    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    return loaded
 
 
 def main(argv: list[str] | None = None) -> int:

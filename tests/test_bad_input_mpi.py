@@ -4,13 +4,14 @@ Placeholders in the arguments: {model} a tiny local BERT, {data} a directory wit
 train.csv and test.csv, {out} the run's output directory (prepared per case).
 """
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 import h5py
 import pytest
-from conftest import REPO, run_mpi, toy_rows, write_csv
+from conftest import REPO, SCRIPTS, run_mpi, toy_rows, write_csv
 
 BASE = [
     "--model",
@@ -153,6 +154,152 @@ CASES = [
         None,
     ),
     ("an unknown flag", ["--no-such-flag"], "unrecognized arguments: --no-such-flag", None),
+    # Config files: every value gets the validation of a flag.
+    ("YAML null value", ["--config", "{yaml_null}"], "'batch-size' is empty (null)", None),
+    ("YAML list value", ["--config", "{yaml_list}"], "--batch-size expects a single value", None),
+    (
+        "YAML boolean for a number",
+        ["--config", "{yaml_bool}"],
+        "--batch-size expects an integer, got True",
+        None,
+    ),
+    ("YAML key given twice", ["--config", "{yaml_twice}"], "'rounds' is given twice", None),
+    ("YAML file that is not text", ["--config", "{binary}"], "is not a text (UTF-8) file", None),
+    (
+        "YAML file that is not a mapping",
+        ["--config", "{yaml_list_top}"],
+        "must hold a mapping of settings",
+        None,
+    ),
+    ("missing config file", ["--config", "{missing}"], "cannot read config file", None),
+    # Numbers: finite and in range, before any work.
+    ("infinite learning rate", ["--lr", "inf"], "--lr must be a finite number, got inf", None),
+    ("NaN learning rate", ["--lr", "nan"], "--lr must be a finite number, got nan", None),
+    ("negative weight decay", ["--weight-decay", "-0.1"], "--weight-decay must be >= 0", None),
+    ("negative seed", ["--seed=-1"], "--seed must be in [0, 2^32)", None),
+    (
+        "data seed out of range",
+        ["--data-seed", "4294967296"],
+        "--data-seed must be in [0, 2^32)",
+        None,
+    ),
+    (
+        "non-positive server learning rate",
+        ["--server-lr", "0"],
+        "--server-lr must be positive",
+        None,
+    ),
+    ("server moment decay of 1", ["--server-beta1", "1"], "--server-beta1 must be in [0, 1)", None),
+    ("negative proximal weight", ["--prox-mu=-1"], "--prox-mu must be >= 0", None),
+    ("test fraction of 0", ["--test-fraction", "0"], "--test-fraction must be in (0, 1)", None),
+    (
+        "non-positive eval interval",
+        ["--eval-every", "0"],
+        "--eval-every must be a positive integer",
+        None,
+    ),
+    (
+        "negative checkpoint interval",
+        ["--checkpoint-every=-1"],
+        "--checkpoint-every must be >= 0",
+        None,
+    ),
+    ("non-positive threads", ["--threads", "0"], "--threads must be a positive integer", None),
+    (
+        "--resume with --overwrite",
+        ["--resume", "--overwrite"],
+        "--resume and --overwrite contradict each other",
+        None,
+    ),
+    (
+        "a fractional count of clients per round",
+        ["--clients", "4", "--clients-per-round", "2.5"],
+        "--clients-per-round must be a whole count or a fraction in (0, 1)",
+        None,
+    ),
+    (
+        "unknown diagnostics level",
+        ["--diagnostics", "some"],
+        "argument --diagnostics: invalid choice: 'some'",
+        None,
+    ),
+    ("fp16 on a CPU", ["--precision", "fp16"], "--precision fp16 needs a CUDA device", None),
+    (
+        "max length far beyond the model's (before tokenizing)",
+        ["--max-seq-len", "100000"],
+        "--max-seq-len 100000 exceeds the model's 128 positions",
+        None,
+    ),
+    # Data.
+    (
+        "cache directory that is a file",
+        ["--cache-dir", "{a_file}"],
+        "cannot write the token cache in",
+        None,
+    ),
+    (
+        "cache directory that is not writable",
+        ["--cache-dir", "/proc/fedmpi-cache"],
+        "cannot write the token cache in /proc/fedmpi-cache",
+        None,
+    ),
+    (
+        "continuous labels",
+        ["--dataset", "{continuous}"],
+        "is not a class (continuous labels are not supported",
+        None,
+    ),
+    (
+        "missing labels",
+        ["--dataset", "{unlabelled}"],
+        "is missing: every example needs a label",
+        None,
+    ),
+    (
+        "labels that are lists",
+        ["--dataset", "{list_labels}"],
+        "is a list, not a class name or number",
+        None,
+    ),
+    (
+        "a single label value",
+        ["--dataset", "{one_label}"],
+        "has 1 label value(s): need at least 2",
+        None,
+    ),
+    ("unsupported data file type", ["--dataset", "{xlsx}"], "unsupported file type", None),
+    (
+        "--split-by a missing column",
+        ["--dataset", "{one_file}", "--split-by", "movie"],
+        "--split-by movie: dataset",
+        None,
+    ),
+    (
+        "--split-by with the data's own test split",
+        ["--split-by", "label"],
+        "--split-by applies only to data that fedmpi splits",
+        None,
+    ),
+    (
+        "a Dirichlet concentration of 0",
+        ["--partition", "dirichlet:0"],
+        "needs a positive concentration",
+        None,
+    ),
+    (
+        "partition by: without a column",
+        ["--partition", "by:"],
+        "partition 'by' needs a column: by:COLUMN",
+        None,
+    ),
+    ("spooky without its CSV", ["--dataset", "spooky"], "FEDMPI_SPOOKY_CSV", None),
+    # Checkpoints.
+    (
+        "checkpoint of another client count",
+        ["--clients", "4"],
+        "belongs to another configuration (clients: 2 there, 4 now)",
+        "checkpoint",
+    ),
 ]
 
 
@@ -161,7 +308,23 @@ def inputs(tiny_bert, tiny_bert_no_dropout, toy_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
     (root / "empty.csv").write_text("")
     write_csv(root / "three.csv", toy_rows(3, seed=0))
+    write_csv(root / "one_file.csv", toy_rows(40, seed=0))
     (root / "run.yaml").write_text("rounds: 2\nlearning_rate: 0.1\n")
+    (root / "null.yaml").write_text("batch-size: ~\n")
+    (root / "list.yaml").write_text("batch-size: [1, 2]\n")
+    (root / "bool.yaml").write_text("batch-size: yes\n")
+    (root / "twice.yaml").write_text("rounds: 2\nrounds: 3\n")
+    (root / "top.yaml").write_text("- rounds\n- 2\n")
+    (root / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    (root / "a_file").write_text("not a directory")
+    (root / "data.xlsx").write_bytes(b"PK\x03\x04")
+    rows = "".join(f"words {i} here,{label}\n" for i, label in enumerate(["0.5", "1.25"] * 10))
+    (root / "continuous.csv").write_text("text,label\n" + rows)
+    (root / "unlabelled.csv").write_text("text,label\na,1\nb,\nc,0\nd,1\n")
+    (root / "one_label.csv").write_text("text,label\na,1\nb,1\nc,1\nd,1\n")
+    (root / "lists.jsonl").write_text(
+        "".join(f'{{"text": "t{i}", "label": [{i % 2}]}}\n' for i in range(10))
+    )
     reference = root / "reference"  # a real checkpoint to corrupt or mismatch
     args = [a.format(model=tiny_bert, data=toy_dataset, out=reference) for a in BASE]
     done = run_mpi(
@@ -182,12 +345,27 @@ def inputs(tiny_bert, tiny_bert_no_dropout, toy_dataset, tmp_path_factory):
     )
     assert done.returncode == 0, done.output
     return {
+        "root": root,
         "model": tiny_bert,
         "other_model": tiny_bert_no_dropout,
         "data": toy_dataset,
         "empty": root / "empty.csv",
         "three_rows": root / "three.csv",
+        "one_file": root / "one_file.csv",
         "yaml": root / "run.yaml",
+        "yaml_null": root / "null.yaml",
+        "yaml_list": root / "list.yaml",
+        "yaml_bool": root / "bool.yaml",
+        "yaml_twice": root / "twice.yaml",
+        "yaml_list_top": root / "top.yaml",
+        "binary": root / "binary.yaml",
+        "missing": root / "no-such.yaml",
+        "a_file": root / "a_file",
+        "xlsx": root / "data.xlsx",
+        "continuous": root / "continuous.csv",
+        "unlabelled": root / "unlabelled.csv",
+        "one_label": root / "one_label.csv",
+        "list_labels": root / "lists.jsonl",
         "checkpoint": reference / "checkpoint.h5",
         "cache": root / "cache",
     }
@@ -211,31 +389,60 @@ def prepare_output(out: Path, how: str | None, checkpoint: Path) -> None:
                 f["params"][0] += 1.0
 
 
-@pytest.mark.parametrize("case,extra,message,prepare", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_fails_once_with_exit_2_without_hanging(
-    case, extra, message, prepare, inputs, tmp_path
-):
-    out = tmp_path / "out"
-    prepare_output(out, prepare, inputs["checkpoint"])
-    values = {**inputs, "out": out}
-    args = [
-        "-m",
-        "fedmpi",
-        *[a.format(**values) for a in BASE],
-        "--cache-dir",
-        str(inputs["cache"]),
-        "--lr",
-        "2e-3",
-        "--rounds",
-        "1",
-        *[a.format(**values) for a in extra],
-    ]
-    result = run_mpi(2, args, timeout=120)
-    assert result.returncode == 2, result.output
-    assert message in result.output
-    assert result.output.count("fedmpi: error:") == 1, result.output
-    assert "Traceback" not in result.output
-    assert "round 1/" not in result.output  # rejected before any training
+@pytest.fixture(scope="module")
+def outcomes(inputs, tmp_path_factory):
+    """Every case, each with its own output directory, in one 2-rank MPI job."""
+    root = tmp_path_factory.mktemp("cases")
+    cases = []
+    for i, (_, extra, _, prepare) in enumerate(CASES):
+        out = root / f"case-{i}" / "out"
+        prepare_output(out, prepare, inputs["checkpoint"])
+        values = {**inputs, "out": out}
+        cases.append(
+            [
+                *[a.format(**values) for a in BASE],
+                "--cache-dir",
+                str(inputs["cache"]),
+                "--lr",
+                "2e-3",
+                "--rounds",
+                "1",
+                *[a.format(**values) for a in extra],
+            ]
+        )
+    (root / "cases.json").write_text(json.dumps(cases))
+    result = run_mpi(
+        2,
+        [str(SCRIPTS / "check_bad_inputs.py"), str(root / "cases.json"), str(root / "out.json")],
+        timeout=900,
+        env={"FEDMPI_SPOOKY_CSV": ""},
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    return dict(
+        zip([c[0] for c in CASES], json.loads((root / "out.json").read_text()), strict=True)
+    )
+
+
+@pytest.mark.parametrize("case,message", [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_fails_once_with_exit_2_without_hanging(case, message, outcomes):
+    outcome = outcomes[case]
+    output = "".join(outcome["outputs"])
+    assert outcome["codes"] == [2, 2], output  # every rank, the same agreed exit
+    assert message in output
+    assert output.count("fedmpi: error:") == 1, output  # printed once, by one rank
+    assert "Traceback" not in output
+    assert "round 1/" not in output  # rejected before any training
+
+
+def test_a_huge_max_length_leaves_no_cache_behind(outcomes, inputs):
+    """Refused before tokenizing: no token cache was written for it."""
+    assert outcomes["max length far beyond the model's (before tokenizing)"]["codes"] == [2, 2]
+    with_widths = [h5py.File(p, "r").attrs["max_seq_len"] for p in inputs["cache"].glob("*.h5")]
+    assert 100000 not in with_widths
+
+
+def test_there_are_at_least_50_cases():
+    assert len(CASES) >= 50
 
 
 def test_docs_table_lists_every_case():
