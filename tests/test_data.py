@@ -182,3 +182,32 @@ def test_group_column_is_cached_for_partition_by_column(tmp_path, tokenizer):
         load_text_splits(Config(dataset="debates", partition="by:venue"))
     with pytest.raises(UsageError, match="no column 'movie'"):
         read_groups(path, "movie")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "unfinished"])
+def test_an_incomplete_cache_is_named_and_rebuilt(tmp_path, tokenizer, damage):
+    from fedmpi.comm import World
+    from fedmpi.data import IncompleteCache
+    from fedmpi.prepare import _prepare_cache
+
+    data = write_csv(tmp_path / "train.csv", toy_rows(50, seed=0))
+    cfg = Config(
+        dataset=str(data),
+        model=str(minilm_dir()),
+        max_seq_len=16,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    path = cache_path(cfg, tokenizer)
+    build_cache(cfg, tokenizer, path, progress=lambda message: None)
+    good = read_info(path)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        with h5py.File(path, "r+") as f:
+            del f.attrs["complete"]
+    with pytest.raises(IncompleteCache, match=str(path)):
+        read_info(path)
+    assert _prepare_cache(cfg, World.from_comm()) == str(path)
+    assert read_info(path) == good  # rebuilt, the same data
