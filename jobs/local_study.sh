@@ -12,7 +12,7 @@
 #   SEEDS [1 2 3]: --seed (shards, order, dropout, head); the data (split, the 160
 #     training and 200 test examples) follow --data-seed 0 in every run, so all seeds and
 #     client counts of a task are scored on the same test set
-#   ROUNDS [6]   TRAIN_SAMPLES [160]   TEST_SAMPLES [200]   BATCH_SIZE [4]   LOCAL_EPOCHS [1]
+#   ROUNDS [6]   TRAIN_SAMPLES [160]   TEST_SAMPLES [200]   BATCH_SIZE [8]   LOCAL_EPOCHS [1]
 #   MAX_SEQ_LEN [64], with --group-by-length; AdamW, lr 1e-4 for minilm and 5e-5 for mpnet
 #   (LR overrides both)
 #   JOBS [2]: runs at once, each one MPI rank with one torch thread (results do not depend
@@ -20,8 +20,8 @@
 #   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-s<seed>;
 #   REPORT [study/report]
 #
-# With the total fixed at 160 examples, K clients hold 160/K each: 40 local steps a round
-# for 1 client, 3 for 16 (batch 4, one epoch). Every run checkpoints every round: the
+# With the total fixed at 160 examples, K clients hold 160/K each: 20 local steps a round
+# for 1 client, 2 for 16 (batch 8, one epoch). Every run checkpoints every round: the
 # study can be stopped at any time (a session ending, Ctrl-C) and rerun; finished runs
 # (fedmpi.done beside results.h5) are skipped and an interrupted run resumes from its
 # last round. A finished run's checkpoint (the model, 87-438 MB) is deleted; results.h5
@@ -61,7 +61,7 @@ run_one() {
         --model "$model" --dataset "$task" --clients "$clients" --seed "$seed" --data-seed 0
         --rounds "${ROUNDS:-6}" --train-samples "${TRAIN_SAMPLES:-160}"
         --test-samples "${TEST_SAMPLES:-200}" --max-seq-len "${MAX_SEQ_LEN:-64}"
-        --batch-size "${BATCH_SIZE:-4}" --local-epochs "${LOCAL_EPOCHS:-1}" --group-by-length
+        --batch-size "${BATCH_SIZE:-8}" --local-epochs "${LOCAL_EPOCHS:-1}" --group-by-length
         --optimizer adamw --lr "$(learning_rate "$model")" --threads 1
         --checkpoint-every 1 --output "$out"
     )
