@@ -60,12 +60,13 @@ class Checkpoint:
     state: dict[str, np.ndarray]  # e.g. "server/m", "accountant/..."
 
 
-def fingerprint(cfg: Config, num_clients: int, data_sha256: str) -> dict:
+def fingerprint(cfg: Config, num_clients: int, data_sha256: str, model_identity: str) -> dict:
     """What determines the result: the configuration (less RESUMABLE settings), the
-    number of clients (``--clients`` may be omitted, then it follows ``-np``) and the
-    identity of the tokenized data (a changed file changes it)."""
+    number of clients (``--clients`` may be omitted, then it follows ``-np``), the
+    identity of the tokenized data (a changed file changes it) and of the model's weights
+    (under LoRA the base is not in the checkpoint: it must be the same one)."""
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
-    return {**values, "clients": num_clients, "data_sha256": data_sha256}
+    return {**values, "clients": num_clients, "data_sha256": data_sha256, "model": model_identity}
 
 
 def _digest(arrays: dict[str, np.ndarray], attrs: dict[str, object]) -> str:

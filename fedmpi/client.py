@@ -121,16 +121,19 @@ def train_client(
     anchor: list[torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    compute: str | None = None,
 ) -> ClientResult:
     """Fine-tune ``model`` in place on ``data`` for ``cfg.local_epochs`` epochs.
 
     ``seed`` fixes the data order and the dropout masks; ``anchor`` (the round's global
     parameters) enables the FedProx term; ``progress(step, total, loss)`` is called at most
-    every 15 seconds for long rounds; ``should_stop()`` is checked after every step.
+    every 15 seconds for long rounds; ``should_stop()`` is checked after every step;
+    ``compute`` is the autocast precision (default ``cfg.precision``).
     """
     model.train()
     device = str(data.labels.device)
-    scaler = precision.grad_scaler(cfg.precision, device)
+    compute = compute or cfg.precision
+    scaler = precision.grad_scaler(compute, device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     n = len(data)
@@ -143,7 +146,7 @@ def train_client(
             data.lengths.cpu(), cfg.batch_size, cfg.group_by_length, generator
         ):
             inputs, labels = data.batch(index.to(data.labels.device))
-            with precision.autocast(cfg.precision, device):
+            with precision.autocast(compute, device):
                 loss = model(**inputs, labels=labels).loss
             if scaler is None:
                 loss.backward()

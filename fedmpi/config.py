@@ -115,6 +115,27 @@ class Config:
     group_by_length: bool = _opt(
         False, "batch examples of similar length together (less padding, same epoch coverage)"
     )
+
+    # What trains (and travels): the whole model, or LoRA adapters and the head.
+    peft: str = _opt(
+        "none",
+        "parameter-efficient fine-tuning: none (every parameter trains and is averaged) or "
+        "lora (only LoRA adapters and the classification head train and travel)",
+        choices=("none", "lora"),
+    )
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA scaling numerator (the update is alpha/r * B A)")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA branch's input")
+    lora_targets: str | None = _opt(
+        None,
+        "comma-separated module names that get adapters (default: peft's choice for the "
+        "architecture, e.g. query,value for BERT, q_proj,v_proj for Llama)",
+    )
+    lora_freeze_a: bool = _opt(
+        False,
+        "keep every A matrix at its shared initialisation and train only B and the head: "
+        "FedAvg of B is then exactly the average of the low-rank updates B A (FFA-LoRA)",
+    )
     eval_batch_size: int = _opt(64, "evaluation batch size")
     eval_every: int = _opt(1, "evaluate the global model every N rounds (the last always)")
 
@@ -198,6 +219,14 @@ class Config:
                 raise UsageError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
         if self.prox_mu < 0:
             raise UsageError(f"--prox-mu must be >= 0, got {self.prox_mu}")
+        if self.lora_r < 1:
+            raise UsageError(f"--lora-r must be a positive integer, got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise UsageError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.peft == "none" and (self.lora_targets is not None or self.lora_freeze_a):
+            raise UsageError("--lora-targets and --lora-freeze-a need --peft lora")
         try:
             PartitionSpec.parse(self.partition)
         except ValueError as exc:

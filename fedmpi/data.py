@@ -29,7 +29,7 @@ from fedmpi.config import Config
 from fedmpi.errors import UsageError
 from fedmpi.partition import PartitionSpec
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
 LABEL_COLUMNS = ("label", "labels", "category", "class")
 LOCAL_FORMATS = {
@@ -536,6 +536,7 @@ def _write_cache(
     f.attrs["tokenizer"] = tokenizer.name_or_path
     f.attrs["max_seq_len"] = cfg.max_seq_len
     f.attrs["how_split"] = splits.how_split
+    f.attrs["pad_token_id"] = tokenizer.pad_token_id
     for name, texts, labels in (
         ("train", splits.train_texts, splits.train_labels),
         ("test", splits.test_texts, splits.test_labels),
@@ -579,6 +580,7 @@ class CacheInfo:
     label_names: list[str]
     how_split: str  # how the train/test split was made (see load_text_splits)
     content_sha256: str  # identity of the tokenized data
+    pad_token_id: int  # what the rows are padded with (decoders pool the last other token)
 
 
 class IncompleteCache(UsageError):
@@ -601,6 +603,7 @@ def read_info(path: Path) -> CacheInfo:
                 label_names=json.loads(f.attrs["label_names"]),
                 how_split=str(f.attrs["how_split"]),
                 content_sha256=str(f.attrs["content_sha256"]),
+                pad_token_id=int(f.attrs["pad_token_id"]),
             )
     except (OSError, KeyError, ValueError) as exc:  # h5py: truncated, empty, not HDF5
         raise IncompleteCache(f"{path} is not a readable token cache ({_first_line(exc)})") from exc

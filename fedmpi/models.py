@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -349,36 +350,136 @@ def quiet_transformers() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # Deprecation notices of transformers' own internals, printed once per rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The model's tokenizer, padding on the right with a pad token.
+
+    Decoder LLM tokenizers (Llama, Qwen, Mistral, GPT-2) often have none: they get their
+    end-of-sequence token as the pad token, which a sequence classifier then recognises
+    (``config.pad_token_id``) to pool the last real token of each row.
+    """
     from transformers import AutoTokenizer
 
     resolved = resolve_model(name)
     try:
-        return AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UsageError(
             f"cannot load the tokenizer of model {name!r}: {_first_line(exc)}"
         ) from exc
+    vocab = _vocab_size(resolved, trust_remote_code)
+    if tokenizer.pad_token_id is not None and vocab is not None and tokenizer.pad_token_id >= vocab:
+        tokenizer.pad_token = None  # a pad token the tokenizer added, with no embedding row
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UsageError(
+                f"the tokenizer of model {name!r} has neither a pad nor an end-of-sequence "
+                "token to pad with"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # fedmpi's own padding (batching.DeviceRows) is on the right
+    return tokenizer
 
 
-def load_model(name: str, label_names: list[str], trust_remote_code: bool = False):
-    """A sequence classifier with a head for ``label_names``, in fp32 on the CPU."""
+def _vocab_size(resolved: str, trust_remote_code: bool) -> int | None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "vocab_size", None)
+
+
+def checkpoint_dtype(name: str, trust_remote_code: bool = False):
+    """The floating dtype the checkpoint's weights are stored in.
+
+    For a local directory the safetensors headers say it exactly (the most common float
+    dtype among the tensors); for a hub id, the config's ``dtype``; float32 otherwise.
+    """
+    import torch
+
+    resolved = Path(resolve_model(name))
+    stored = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    counts: dict[str, int] = {}
+    for weights in sorted(resolved.glob("*.safetensors")) if resolved.is_dir() else []:
+        for entry in _safetensors_header(weights).values():
+            if isinstance(entry, dict) and entry.get("dtype") in stored:
+                counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
+    if counts:
+        return stored[max(counts, key=counts.get)]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return torch.float32
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in stored.values() else torch.float32
+
+
+def _safetensors_header(path: Path) -> dict:
+    """A safetensors file's JSON header: name -> {dtype, shape, data_offsets}."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(size))
+
+
+def load_model(
+    name: str,
+    label_names: list[str],
+    trust_remote_code: bool = False,
+    dtype=None,
+    pad_token_id: int | None = None,
+):
+    """A sequence classifier with a head for ``label_names``, on the CPU, with its weights
+    in ``dtype`` (default float32) whatever dtype the checkpoint was saved in.
+
+    Returns the model and the names of the parameters the checkpoint did not have (the new
+    classification head): those must train, even under LoRA.
+    """
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     resolved = resolve_model(name)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             resolved,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={label: i for i, label in enumerate(label_names)},
             ignore_mismatched_sizes=True,  # a fine-tuned checkpoint with another label set
             trust_remote_code=trust_remote_code,
+            dtype=dtype or torch.float32,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # decoders pool the last non-pad token
+    mismatched = {k if isinstance(k, str) else k[0] for k in info["mismatched_keys"]}
+    new = set(info["missing_keys"]) | mismatched
+    return model, sorted(new)
+
+
+def model_identity(name: str) -> str:
+    """What names the model's weights, for a checkpoint's fingerprint: for a local
+    directory, its weight files' names, sizes and safetensors headers (shapes, dtypes,
+    offsets; cheap even for a 7B model, unlike hashing the values), wherever it lies."""
+    resolved = Path(resolve_model(name))
+    if not resolved.is_dir():
+        return str(resolved)
+    sha = hashlib.sha256()
+    for path in sorted(p for p in resolved.iterdir() if p.suffix in (".safetensors", ".bin")):
+        sha.update(f"{path.name}:{path.stat().st_size}".encode())
+        if path.suffix == ".safetensors":
+            sha.update(json.dumps(_safetensors_header(path), sort_keys=True).encode())
+    return f"{resolved.name}:{sha.hexdigest()[:16]}"
 
 
 def check_max_seq_len(name: str, max_seq_len: int, tokenizer, trust_remote_code: bool) -> None:

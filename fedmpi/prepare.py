@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmpi import checkpoint, data, faults, models, precision, provenance
+from fedmpi import adapters, checkpoint, data, faults, models, precision, provenance
 from fedmpi.batching import DeviceRows
 from fedmpi.comm import (
     World,
@@ -59,6 +59,7 @@ class Job:
     test_identity: dict  # baselines and hash of the whole evaluated test set
     model: torch.nn.Module
     flat: FlatParameters
+    precision: str  # of the forward and backward passes: --precision, or the frozen base's
 
 
 def prepare(cfg: Config, world: World) -> Job:
@@ -95,17 +96,32 @@ def prepare(cfg: Config, world: World) -> Job:
         f"{len(info.label_names)} classes {info.label_names}",
     )
 
-    model = _load_model(cfg, world, info.label_names)
+    model, compute = _load_model(cfg, world, info, device)
     model.to(device)
     # Flatten after the move: model.to() would replace the views with fresh tensors.
     flat = FlatParameters(model, tail=4)
+    trainable, total = adapters.describe(model)
+    frozen = ", ".join(str(d).removeprefix("torch.") for d in adapters.frozen_dtypes(model))
     log(
         world,
-        f"model: {cfg.model} ({type(model).__name__}, {flat.numel / 1e6:.1f}M trainable "
-        f"parameters, {flat.numel * 4 / 2**20:.0f} MiB Allreduce payload)",
+        f"model: {cfg.model} ({type(model).__name__}), {trainable:,} trainable of {total:,} "
+        f"parameters ({100 * trainable / total:.2f} %), Allreduce payload "
+        f"{flat.storage.numel() * 4 / 2**20:.1f} MiB; trainable in float32"
+        + (f", frozen in {frozen}" if frozen else "")
+        + f", compute in {compute}",
     )
     return Job(
-        device, out_dir, resuming, info, plan, local_train, local_test, test_identity, model, flat
+        device,
+        out_dir,
+        resuming,
+        info,
+        plan,
+        local_train,
+        local_test,
+        test_identity,
+        model,
+        flat,
+        compute,
     )
 
 
@@ -196,24 +212,41 @@ def _test_identity(cache: Path, rows: np.ndarray, n_classes: int) -> dict:
     }
 
 
-def _load_model(cfg: Config, world: World, label_names: list[str]) -> torch.nn.Module:
-    """Every rank loads a local model at once; a hub model is loaded by rank 0 first (it
-    may download), then by the others from the local cache. Rank 0's initial weights are
-    then broadcast so every rank starts identical even where random initialisation
-    differs between hosts."""
+def _load_model(
+    cfg: Config, world: World, info: data.CacheInfo, device: str
+) -> tuple[torch.nn.Module, str]:
+    """The model, identical on every rank, and the precision to compute in.
+
+    Trainable weights are fp32 whatever the checkpoint's dtype. Under LoRA the frozen base
+    stays in the checkpoint's dtype when that is bf16 (or fp16 on a GPU): no copy is made,
+    so ranks of one node share the memory-mapped weights, and the forward pass then runs
+    under autocast in that dtype. Every rank loads a local model at once; a hub model is
+    loaded by rank 0 first (it may download), then by the others from the local cache.
+    Rank 0's initialised weights (head, adapters) are then broadcast, so every rank starts
+    identical even where random initialisation differs between hosts.
+    """
+    stored = collectively(world, lambda: models.checkpoint_dtype(cfg.model, cfg.trust_remote_code))
+    keep_stored = stored == torch.bfloat16 or (stored == torch.float16 and device != "cpu")
+    base = stored if cfg.peft == "lora" and keep_stored else torch.float32
+    compute = cfg.precision
+    if base != torch.float32 and cfg.precision == "fp32":
+        compute = {torch.bfloat16: "bf16", torch.float16: "fp16"}[base]
 
     def load() -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
-        return models.load_model(cfg.model, label_names, cfg.trust_remote_code)
+        model, new = models.load_model(
+            cfg.model, info.label_names, cfg.trust_remote_code, base, info.pad_token_id
+        )
+        return adapters.apply_lora(model, cfg, new) if cfg.peft == "lora" else model
 
     # Built-ins are already materialised: rank 0 loaded their tokenizer for the cache.
     local = collectively(world, lambda: Path(models.resolve_model(cfg.model)).is_dir())
     model = collectively(world, load) if local else root_first(world, load)
-    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
-    vector = torch.nn.utils.parameters_to_vector(params).detach().contiguous()
+    initialised = [p for name, p in model.named_parameters() if p.requires_grad or "lora_" in name]
+    vector = torch.nn.utils.parameters_to_vector(initialised).detach().contiguous()
     world.comm.Bcast(vector.numpy(), root=0)
-    torch.nn.utils.vector_to_parameters(vector, params)
-    return model
+    torch.nn.utils.vector_to_parameters(vector, initialised)
+    return model, compute
 
 
 def _output_dir(cfg: Config) -> str:

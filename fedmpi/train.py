@@ -52,11 +52,14 @@ def run(cfg: Config, world: World) -> None:
     anchor = flat.views(round_start) if cfg.prox_mu > 0 else None  # FedProx
     optimizers = LocalOptimizers(cfg, flat.params)
     diagnostics = UpdateDiagnostics(flat, plan.n_clients, cfg.diagnostics)
-    identity = checkpoint.fingerprint(cfg, plan.n_clients, job.info.content_sha256)
+    identity = checkpoint.fingerprint(
+        cfg, plan.n_clients, job.info.content_sha256, models.model_identity(cfg.model)
+    )
     checkpoints = Checkpointer(
         cfg, world, job.out_dir, identity, plan.my_clients, optimizers, {"server": server}
     )
     rounds_done = checkpoints.resume(flat.buffer) if job.resuming else 0
+    frozen = _verify_frozen(model, world) if cfg.verify_sync else None
     writer = _open_results(cfg, world, job, diagnostics.group_names, rounds_done)
 
     scores = None
@@ -90,6 +93,7 @@ def run(cfg: Config, world: World) -> None:
                     world, f"round {r}/{cfg.rounds} client {c}: step {step}/{total} loss {loss:.4f}"
                 ),
                 should_stop=lambda: stop.requested,
+                compute=job.precision,
             )
             if result.stopped:
                 break
@@ -124,7 +128,7 @@ def run(cfg: Config, world: World) -> None:
         faults.inject(world.rank, round_, "eval")
         evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
         scores = (
-            evaluate(model, job.local_test, n_classes, cfg.eval_batch_size, world, cfg.precision)
+            evaluate(model, job.local_test, n_classes, cfg.eval_batch_size, world, job.precision)
             if evaluated
             else None
         )
@@ -151,9 +155,13 @@ def run(cfg: Config, world: World) -> None:
         log(world, _round_summary(round_, cfg.rounds, row))
 
     # --- Finish.
+    if frozen is not None:
+        if _verify_frozen(model, world) != frozen:
+            raise RuntimeError("the frozen weights changed during training")
+        log(world, f"frozen weights unchanged on every rank (CRC32 {frozen:08x})")
     checkpoints.finish(max(rounds_done, cfg.rounds), flat.buffer)
     if writer is not None and cfg.save_model:
-        _save_model(model, cfg, job.out_dir / "model")
+        _save_model(model, flat.storage, cfg, job.out_dir / "model")
     if rounds_done >= cfg.rounds:
         log(world, f"the checkpoint already holds all {cfg.rounds} rounds: nothing to train")
     final = f"final test accuracy {scores.accuracy:.4f}, " if scores else ""
@@ -264,6 +272,19 @@ def _verify_identical(buffer: torch.Tensor, world: World) -> np.ndarray:
     return every
 
 
+def _verify_frozen(model: torch.nn.Module, world: World) -> int:
+    """The CRC32 of the frozen weights (the LoRA base), the same on every rank or an error:
+    they are loaded once per rank and never communicated."""
+    crc = 0
+    for param in model.parameters():
+        if not param.requires_grad:
+            crc = zlib.crc32(param.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
+    every = world.comm.allgather(crc)  # once per run, a few bytes
+    if len(set(every)) != 1:
+        raise RuntimeError(f"ranks hold different frozen weights: CRC32s {every}")
+    return crc
+
+
 def _round_summary(round_: int, rounds: int, row: dict) -> str:
     accuracy = row["metrics/test_accuracy"]
     test = (
@@ -282,12 +303,17 @@ def _round_summary(round_: int, rounds: int, row: dict) -> str:
     )
 
 
-def _save_model(model: torch.nn.Module, cfg: Config, path: Path) -> None:
-    """A Hugging Face directory (safetensors) loadable with ``from_pretrained``.
+def _save_model(model: torch.nn.Module, buffer: torch.Tensor, cfg: Config, path: Path) -> None:
+    """A Hugging Face directory loadable with ``from_pretrained``: the whole model, or under
+    LoRA a peft adapter (with the head) that ``PeftModel.from_pretrained`` puts on the base.
 
-    The state dict is cloned: the parameters are views into one flat buffer, and
-    safetensors refuses (or transformers de-duplicates) tensors that share storage.
+    Tensors in the flat ``buffer`` are cloned: they are views into one storage, which
+    safetensors refuses (or transformers de-duplicates).
     """
-    state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+    shared = buffer.untyped_storage().data_ptr()
+    state = {
+        name: t.detach().cpu().clone() if t.untyped_storage().data_ptr() == shared else t
+        for name, t in model.state_dict().items()
+    }
     model.save_pretrained(path, state_dict=state)
     models.load_tokenizer(cfg.model, cfg.trust_remote_code).save_pretrained(path)

@@ -133,3 +133,71 @@ def toy_dataset(tmp_path_factory) -> Path:
     write_csv(root / "train.csv", toy_rows(400, seed=1))
     write_csv(root / "test.csv", toy_rows(200, seed=2))
     return root
+
+
+def word_tokenizer(pad: bool):
+    """A word-level fast tokenizer over the toy vocabulary, with bos/eos/unk and, like most
+    decoder LLM tokenizers, no pad token unless ``pad``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(POSITIVE + NEGATIVE + FILLER + ["brand", "new", "review", "that", "is"]))
+    specials = ["<unk>", "<s>", "</s>"] + (["<pad>"] if pad else [])
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        **({"pad_token": "<pad>"} if pad else {}),
+    )
+
+
+def save_tiny_decoder(path: Path, kind: str, dtype: str) -> Path:
+    """A 2-layer random decoder (llama, qwen2 or gpt2) saved in ``dtype``, with a
+    tokenizer that has no pad token: what hub LLM checkpoints look like, in miniature."""
+    import torch
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    tokenizer = word_tokenizer(pad=False)
+    common = {"vocab_size": len(tokenizer), "bos_token_id": 1, "eos_token_id": 2}
+    config = {
+        "llama": lambda: LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
+        ),
+        "qwen2": lambda: Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
+        ),
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common),
+    }[kind]()
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_bert_in(path: Path, dtype: str) -> Path:
+    """The tiny random BERT of ``save_tiny_bert``, stored in ``dtype``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    random_bert(vocab=30522, width=32, layers=2).to(getattr(torch, dtype)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+    return path

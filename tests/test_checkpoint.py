@@ -13,7 +13,7 @@ from fedmpi.errors import UsageError
 @pytest.fixture
 def saved(tmp_path):
     path = tmp_path / "checkpoint.h5"
-    identity = checkpoint.fingerprint(Config(), num_clients=2, data_sha256="abc")
+    identity = checkpoint.fingerprint(Config(), 2, data_sha256="abc", model_identity="m:1")
     state = {"server/m": np.ones(3, np.float32)}
     checkpoint.save(path, identity, checkpoint.Checkpoint(4, np.arange(3, dtype=np.float32), state))
     return path, identity
@@ -42,7 +42,7 @@ def test_the_checksum_covers_the_attributes(saved, attribute, value):
 def test_another_client_count_or_data_is_refused(saved, clients, data, message):
     path, _ = saved
     with pytest.raises(UsageError, match=message):
-        checkpoint.load(path, checkpoint.fingerprint(Config(), clients, data), numel=3)
+        checkpoint.load(path, checkpoint.fingerprint(Config(), clients, data, "m:1"), numel=3)
 
 
 def test_client_states_are_kept_by_round(tmp_path):

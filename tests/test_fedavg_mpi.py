@@ -11,6 +11,13 @@ def test_fedavg_matches_serial_weighted_average(np_):
     assert f"FEDAVG OK np={np_}" in result.output
 
 
+def test_fedavg_of_lora_adapters_matches_serial_weighted_average():
+    result = run_mpi(2, [str(SCRIPTS / "check_fedavg.py"), "lora"], timeout=120)
+    assert result.returncode == 0, result.output
+    # r 4 adapters on query and value (4 x (16 + 16) each) and the 16 -> 3 head: 307 floats
+    assert "FEDAVG OK np=2 params=307" in result.output
+
+
 def test_host_staged_allreduce_equals_direct():
     result = run_mpi(2, [str(SCRIPTS / "check_staging.py")], timeout=120)
     assert result.returncode == 0, result.output

@@ -133,6 +133,8 @@ CONFIGS = {
         "0.01",
         "--keep-local-opt",
     ),
+    # LoRA: the checkpoint holds adapters and head; the base is reloaded, not restored.
+    "lora": ("--clients", 2, "--peft", "lora"),
 }
 
 

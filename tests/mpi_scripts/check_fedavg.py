@@ -31,7 +31,13 @@ def main() -> None:
     world = World.from_comm()
     with abort_on_error(world):
         model = random_bert(vocab=100, width=16, layers=1, labels=3)
+        if "lora" in sys.argv[1:]:  # the payload is then the adapters and the head only
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4))
         flat = FlatParameters(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert flat.numel == trainable <= sum(p.numel() for p in model.parameters())
         base = flat.buffer.numpy().copy()
 
         aggregator = WeightedAllreduce(world, flat.numel, "cpu")
@@ -59,11 +65,11 @@ def main() -> None:
             assert totals.examples == totals.weight
             assert np.allclose(got, expected, rtol=1e-6, atol=1e-6), f"max abs error {error}"
             # The model sees the result: its parameters are views into the flat buffer.
-            first = next(model.parameters()).detach().numpy().ravel()
+            first = next(p for p in model.parameters() if p.requires_grad).detach().numpy().ravel()
             assert np.array_equal(first, got[: first.size].astype(np.float32))
             assert flat.is_intact()
         if world.rank == 0:
-            print(f"FEDAVG OK np={world.size} max_abs_error={error:.3g}", flush=True)
+            print(f"FEDAVG OK np={world.size} params={flat.numel} max_abs_error={error:.3g}")
 
 
 if __name__ == "__main__":

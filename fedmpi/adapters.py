@@ -1,0 +1,90 @@
+"""LoRA adapters as the federated payload (``--peft lora``), with Hugging Face ``peft``.
+
+The frozen base is loaded once per rank and never communicated; what trains, and so what
+the flat buffer holds and the Allreduce averages, is the adapters' A and B matrices and
+the classification head (every module the checkpoint did not have: ``classifier``,
+DistilBERT's ``pre_classifier``, Llama's ``score``), as fp32 master weights.
+
+Averaging A and B separately (the default, as FlowerTune and FedIT do) is *not* the
+average of the clients' low-rank updates: mean(B_k) mean(A_k) != mean(B_k A_k).
+``--lora-freeze-a`` keeps every A at its shared initialisation (same seed on every rank)
+and trains only B: then mean(B_k) A = mean(B_k A), and FedAvg is exact (FFA-LoRA, Sun et
+al. 2024).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedmpi.config import Config
+from fedmpi.errors import UsageError
+
+# Architectures peft has no default target modules for, among fedmpi's built-ins and the
+# paper's models: their attention projections, as peft names BERT's "query" and "value".
+EXTRA_TARGETS = {
+    "mpnet": ["q", "v"],
+    "distilbert": ["q_lin", "v_lin"],
+    "albert": ["query", "value"],
+}
+
+
+def head_modules(model: nn.Module, new_parameters: list[str]) -> list[str]:
+    """The modules holding the parameters the checkpoint lacked (the new head), as the
+    names peft's ``modules_to_save`` matches: ``classifier``, ``pre_classifier``, ``score``."""
+    modules = set()
+    for name in new_parameters:
+        module = name.rsplit(".", 1)[0]
+        # The top-level child that holds it: the head is one module, or a head with
+        # sub-layers (MPNet's classifier.dense, classifier.out_proj) kept whole.
+        base = model.base_model_prefix
+        parts = module.split(".")
+        modules.add(parts[1] if parts[0] == base and len(parts) > 1 else parts[0])
+    return sorted(modules)
+
+
+def apply_lora(model: nn.Module, cfg: Config, new_parameters: list[str]) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters; only adapters and the head stay trainable, in fp32."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    model_type = model.config.model_type
+    if cfg.lora_targets:
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    elif model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        targets = None  # peft's own choice for the architecture
+    elif model_type in EXTRA_TARGETS:
+        targets = EXTRA_TARGETS[model_type]
+    else:
+        raise UsageError(
+            f"--peft lora: no default adapter targets for a {model_type!r} model: name the "
+            "modules with --lora-targets (e.g. the attention's query and value projections)"
+        )
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=head_modules(model, new_parameters),
+    )
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as exc:
+        raise UsageError(f"--peft lora: {str(exc).strip().splitlines()[0]}") from exc
+    for name, param in wrapped.named_parameters():
+        if cfg.lora_freeze_a and "lora_A" in name:
+            param.requires_grad_(False)
+        if param.requires_grad:
+            param.data = param.data.float()  # fp32 master weights, whatever the base's dtype
+    return wrapped
+
+
+def describe(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def frozen_dtypes(model: nn.Module) -> list[torch.dtype]:
+    return sorted({p.dtype for p in model.parameters() if not p.requires_grad}, key=str)
