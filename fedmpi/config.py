@@ -139,6 +139,32 @@ class Config:
     eval_batch_size: int = _opt(64, "evaluation batch size")
     eval_every: int = _opt(1, "evaluate the global model every N rounds (the last always)")
 
+    # Privacy and evaluation per client.
+    dp_clip: float | None = _opt(
+        None,
+        "DP-FedAvg: clip each client's update to this L2 norm C (turns on client-level DP: "
+        "Poisson cohorts, uniform weights, a fixed denominator); inf clips nothing",
+    )
+    dp_noise: float = _opt(
+        0.0, "DP-FedAvg noise multiplier z: Gaussian noise of std z*C on the sum of updates"
+    )
+    dp_delta: float | None = _opt(
+        None, "delta of the (epsilon, delta) guarantee (default: 1 / clients^1.1)"
+    )
+    eval_clients: bool = _opt(
+        False,
+        "also evaluate the global model on every client's own held-out examples "
+        "(--client-test-fraction of its shard): per-client accuracy",
+    )
+    client_test_fraction: float = _opt(
+        0.2, "fraction of each client's shard held out as its local test set (--eval-clients)"
+    )
+    holdout_clients: float = _opt(
+        0.0,
+        "fraction of the clients that never train (in no cohort); the global model is "
+        "evaluated on their whole data: generalization to unseen clients",
+    )
+
     # Where and how.
     seed: int = _opt(
         42,
@@ -186,7 +212,13 @@ class Config:
         """Raise UsageError naming the first invalid value; cheap checks only (no I/O)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if field_type(f.name) is float and value is not None and not math.isfinite(value):
+            unbounded = f.name == "dp_clip" and value == math.inf  # "no clipping"
+            if (
+                field_type(f.name) is float
+                and value is not None
+                and not math.isfinite(value)
+                and not unbounded
+            ):
                 raise UsageError(f"--{_flag(f.name)} must be a finite number, got {value}")
         for name in ("seed", "data_seed"):
             if not 0 <= getattr(self, name) < 2**32:
@@ -227,6 +259,18 @@ class Config:
             raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.peft == "none" and (self.lora_targets is not None or self.lora_freeze_a):
             raise UsageError("--lora-targets and --lora-freeze-a need --peft lora")
+        if not 0 <= self.holdout_clients < 1:
+            raise UsageError(f"--holdout-clients must be in [0, 1), got {self.holdout_clients}")
+        if not 0 < self.client_test_fraction < 1:
+            raise UsageError(
+                f"--client-test-fraction must be in (0, 1), got {self.client_test_fraction}"
+            )
+        if self.participants(world_size) < 1:
+            raise UsageError(
+                f"--holdout-clients {self.holdout_clients:g} leaves none of the "
+                f"{self.num_clients(world_size)} clients to train"
+            )
+        self._validate_privacy(world_size)
         try:
             PartitionSpec.parse(self.partition)
         except ValueError as exc:
@@ -238,10 +282,10 @@ class Config:
                     "--clients-per-round must be a whole count or a fraction in (0, 1), "
                     f"got {per_round}"
                 )
-            if per_round > self.num_clients(world_size):
+            if per_round > self.participants(world_size):
                 raise UsageError(
                     f"--clients-per-round {per_round:g} exceeds the "
-                    f"{self.num_clients(world_size)} clients"
+                    f"{self.participants(world_size)} clients that train"
                 )
         for name in (f.name for f in dataclasses.fields(self) if "choices" in f.metadata):
             choices = _FIELDS[name].metadata["choices"]
@@ -262,16 +306,52 @@ class Config:
                 f"{self.num_clients(world_size)} clients: every client needs an example"
             )
 
+    def _validate_privacy(self, world_size: int) -> None:
+        if self.dp_clip is None:
+            if self.dp_noise or self.dp_delta is not None:
+                raise UsageError("--dp-noise and --dp-delta need --dp-clip (DP-FedAvg)")
+            return
+        if not self.dp_clip > 0:
+            raise UsageError(f"--dp-clip must be positive, got {self.dp_clip}")
+        if self.dp_noise < 0:
+            raise UsageError(f"--dp-noise must be >= 0, got {self.dp_noise}")
+        if self.dp_clip == math.inf and self.dp_noise > 0:
+            raise UsageError("--dp-clip inf with --dp-noise > 0 would add infinite noise")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            raise UsageError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.weighting != "uniform":
+            raise UsageError(
+                "--dp-clip: DP-FedAvg weighs every client equally (that bounds one client's "
+                "influence): pass --weighting uniform"
+            )
+        if self.participants(world_size) < 2:
+            raise UsageError(
+                "--dp-clip: client-level DP with a single training client protects nothing "
+                "(its update is the whole average): use more clients"
+            )
+
     def num_clients(self, world_size: int) -> int:
         return self.clients if self.clients is not None else world_size
 
+    def participants(self, world_size: int) -> int:
+        """Clients that may train: all but the held-out ones."""
+        n = self.num_clients(world_size)
+        return n - int(round(self.holdout_clients * n))
+
+    def dp_sample_rate(self, participants: int) -> float:
+        """DP-FedAvg's Poisson rate q: clients per round over the participating clients."""
+        per_round = self.clients_per_round
+        if per_round is None:
+            return 1.0
+        return per_round if per_round < 1 else min(1.0, per_round / participants)
+
     def cohort_size(self, world_size: int) -> int | None:
-        """Clients per round as a count (None: all of them)."""
+        """Clients per round as a count (None: all of the participating clients)."""
         per_round = self.clients_per_round
         if per_round is None:
             return None
         if per_round < 1:
-            return max(1, round(per_round * self.num_clients(world_size)))
+            return max(1, round(per_round * self.participants(world_size)))
         return int(per_round)
 
     def to_json(self) -> str:

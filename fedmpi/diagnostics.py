@@ -53,16 +53,20 @@ def layer_group(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 16) -> float:
-    """``|a - b|^2`` in cache-sized chunks summed in float64: no temporary the size of the
-    model, and accurate where one fp32 reduction over 10^8 terms is not. On a GPU the sum
-    stays on the device (one synchronisation); on the CPU Python floats are cheapest."""
+def squared_distance(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = 1 << 16) -> float:
+    """``|a - b|^2`` (``|a|^2`` without ``b``) in cache-sized chunks summed in float64: no
+    temporary the size of the model, and accurate where one fp32 reduction over 10^8 terms
+    is not. On a GPU the sum stays on the device (one synchronisation); on the CPU Python
+    floats are cheapest."""
     scratch = torch.empty(min(chunk, a.numel()), dtype=a.dtype, device=a.device)
     on_cpu = a.device.type == "cpu"
     total = 0.0 if on_cpu else torch.zeros((), dtype=torch.float64, device=a.device)
     for start in range(0, a.numel(), chunk):
         piece = scratch[: min(chunk, a.numel() - start)]
-        torch.sub(a[start : start + chunk], b[start : start + chunk], out=piece)
+        if b is None:
+            piece.copy_(a[start : start + chunk])
+        else:
+            torch.sub(a[start : start + chunk], b[start : start + chunk], out=piece)
         dot = torch.dot(piece, piece)
         total += float(dot) if on_cpu else dot
     return float(total)

@@ -74,3 +74,24 @@ def evaluate(
     wait_for_all(world)
     world.comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
     return metrics_from_counts(counts, n_classes)
+
+
+def evaluate_clients(
+    model: nn.Module,
+    rows: dict[int, DeviceRows],
+    n_clients: int,
+    n_classes: int,
+    batch_size: int,
+    world: World,
+    compute: str = "fp32",
+) -> np.ndarray:
+    """Every client's ``[confusion matrix | loss sum]`` on its own evaluation rows, as a
+    (clients, C*C + 1) array on every rank: each rank scores the clients it hosts, one
+    small Allreduce gathers them (zeros for clients without rows)."""
+    counts = np.zeros((n_clients, n_classes * n_classes + 1))
+    for client, data in rows.items():
+        if len(data):
+            counts[client] = local_counts(model, data, n_classes, batch_size, compute)
+    wait_for_all(world)
+    world.comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
+    return counts

@@ -155,3 +155,27 @@ def assign_clients(sizes: list[int], n_ranks: int) -> list[list[int]]:
         assignment[rank].append(client)
         loads[rank] += sizes[client]
     return [sorted(clients) for clients in assignment]
+
+
+def holdout_clients(n_clients: int, fraction: float, seed: int) -> np.ndarray:
+    """The clients that never train (``--holdout-clients``), drawn from the seed (sorted)."""
+    count = int(round(fraction * n_clients))
+    rng = np.random.default_rng([seed, n_clients, 0x40])
+    return np.sort(rng.choice(n_clients, size=count, replace=False)) if count else np.arange(0)
+
+
+def round_cohort(
+    participants: np.ndarray, per_round: int | None, seed: int, round_: int
+) -> np.ndarray:
+    """The round's cohort among the clients that may train (``sample_cohort`` over them)."""
+    return participants[sample_cohort(len(participants), per_round, seed, round_)]
+
+
+def split_local_test(
+    shard: np.ndarray, fraction: float, seed: int, client: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) rows of one client's shard for ``--eval-clients``: a seeded random
+    ``fraction`` (at least one row, if the shard has two) is the client's own test set."""
+    n_test = min(len(shard) - 1, max(1, int(round(fraction * len(shard))))) if len(shard) > 1 else 0
+    order = np.random.default_rng([seed, client, 0x7E57]).permutation(len(shard))
+    return np.sort(shard[order[n_test:]]), np.sort(shard[order[:n_test]])

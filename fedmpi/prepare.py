@@ -28,7 +28,14 @@ from fedmpi.comm import (
 from fedmpi.config import Config
 from fedmpi.errors import UsageError
 from fedmpi.flat import FlatParameters
-from fedmpi.partition import PartitionSpec, assign_clients, make_shards, subsample
+from fedmpi.partition import (
+    PartitionSpec,
+    assign_clients,
+    holdout_clients,
+    make_shards,
+    split_local_test,
+    subsample,
+)
 from fedmpi.results import RESULTS_NAME
 
 
@@ -43,6 +50,16 @@ class FederationPlan:
     label_histogram: np.ndarray  # (clients, classes)
     client_rank: list[int]
     my_clients: list[int]
+    participants: np.ndarray  # the clients that may train (all but --holdout-clients)
+    eval_rows: dict[int, np.ndarray]  # per client, rows it is scored on (--eval-clients,
+    # its local test set; a held-out client, its whole shard)
+
+    @property
+    def holdout(self) -> np.ndarray:
+        """One flag per client: 1 for the clients that never train."""
+        flags = np.ones(self.n_clients, dtype=np.int8)
+        flags[self.participants] = 0
+        return flags
 
 
 @dataclass
@@ -56,6 +73,7 @@ class Job:
     plan: FederationPlan
     local_train: dict[int, DeviceRows]  # this rank's clients' shards, on the device
     local_test: DeviceRows  # this rank's slice of the test set
+    client_eval: dict[int, DeviceRows]  # this rank's clients' own evaluation rows
     test_identity: dict  # baselines and hash of the whole evaluated test set
     model: torch.nn.Module
     flat: FlatParameters
@@ -75,15 +93,18 @@ def prepare(cfg: Config, world: World) -> Job:
     all_test_rows = subsample(info.n_test, cfg.test_samples, cfg.data_seed)
     test_rows = np.array_split(all_test_rows, world.size)[world.rank]
 
-    def load_local_data() -> tuple[dict[int, DeviceRows], DeviceRows]:
+    def load_local_data() -> tuple[dict[int, DeviceRows], DeviceRows, dict[int, DeviceRows]]:
         faults.inject(world.rank, 0, "setup")
-        train = {
-            k: DeviceRows.from_rows(data.read_rows(cache, "train", plan.shards[k]), device)
-            for k in plan.my_clients
-        }
-        return train, DeviceRows.from_rows(data.read_rows(cache, "test", test_rows), device)
 
-    local_train, local_test = collectively(world, load_local_data)
+        def rows(split: str, which: np.ndarray) -> DeviceRows:
+            return DeviceRows.from_rows(data.read_rows(cache, split, which), device)
+
+        mine = [k for k in plan.my_clients if k in set(plan.participants.tolist())]
+        train = {k: rows("train", plan.shards[k]) for k in mine}
+        own = {k: rows("train", plan.eval_rows[k]) for k in plan.my_clients if k in plan.eval_rows}
+        return train, rows("test", test_rows), own
+
+    local_train, local_test, client_eval = collectively(world, load_local_data)
     test_identity = root_computes(
         world, lambda: _test_identity(cache, all_test_rows, len(info.label_names))
     )
@@ -118,6 +139,7 @@ def prepare(cfg: Config, world: World) -> Job:
         plan,
         local_train,
         local_test,
+        client_eval,
         test_identity,
         model,
         flat,
@@ -159,6 +181,14 @@ def _plan_federation(
         )
     except ValueError as exc:
         raise UsageError(f"--partition {cfg.partition}: {exc}") from None
+    held_out = holdout_clients(n_clients, cfg.holdout_clients, cfg.seed)
+    eval_rows = {int(k): shards[k] for k in held_out}
+    if cfg.eval_clients:
+        for k in range(n_clients):
+            if k not in eval_rows:
+                shards[k], eval_rows[k] = split_local_test(
+                    shards[k], cfg.client_test_fraction, cfg.seed, k
+                )
     sizes = [len(shard) for shard in shards]
     assignment = assign_clients(sizes, world.size)
     client_rank = [0] * n_clients
@@ -173,6 +203,8 @@ def _plan_federation(
         label_histogram=np.stack([np.bincount(labels[s], minlength=n_classes) for s in shards]),
         client_rank=client_rank,
         my_clients=assignment[world.rank],
+        participants=np.setdiff1d(np.arange(n_clients), held_out),
+        eval_rows=eval_rows,
     )
 
 

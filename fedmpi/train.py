@@ -19,17 +19,19 @@ from typing import NoReturn
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from fedmpi import checkpoint, faults, models, provenance
 from fedmpi.client import LocalOptimizers, client_seed, train_client
 from fedmpi.comm import World, log, wait_for_all
 from fedmpi.config import Config
 from fedmpi.diagnostics import UpdateDiagnostics
-from fedmpi.evaluate import evaluate
+from fedmpi.evaluate import evaluate, evaluate_clients, metrics_from_counts
 from fedmpi.fedavg import WeightedAllreduce, reduces_in_place
-from fedmpi.partition import sample_cohort
+from fedmpi.partition import round_cohort
 from fedmpi.preemption import EXIT_PREEMPTED, EXIT_STALLED, StopRequest
-from fedmpi.prepare import Job, prepare
+from fedmpi.prepare import FederationPlan, Job, prepare
+from fedmpi.privacy import ClientLevelDP, poisson_cohort
 from fedmpi.results import RESULTS_NAME, ResultsWriter
 from fedmpi.resume import Checkpointer
 from fedmpi.server import ServerHyper, ServerOptimizer
@@ -43,7 +45,8 @@ def run(cfg: Config, world: World) -> None:
     n_classes = len(job.info.label_names)
 
     # --- Round state, allocated once.
-    in_place = reduces_in_place(len(plan.my_clients), cfg.server_opt, fixed_denominator=False)
+    dp = ClientLevelDP(cfg, len(plan.participants)) if cfg.dp_clip is not None else None
+    in_place = reduces_in_place(len(plan.my_clients), cfg.server_opt, dp is not None)
     aggregator = WeightedAllreduce(
         world, flat.numel, device, in_place=flat.storage if in_place else None
     )
@@ -55,24 +58,35 @@ def run(cfg: Config, world: World) -> None:
     identity = checkpoint.fingerprint(
         cfg, plan.n_clients, job.info.content_sha256, models.model_identity(cfg.model)
     )
+    stateful = {"server": server, **({"privacy": dp} if dp else {})}
     checkpoints = Checkpointer(
-        cfg, world, job.out_dir, identity, plan.my_clients, optimizers, {"server": server}
+        cfg, world, job.out_dir, identity, plan.my_clients, optimizers, stateful
     )
     rounds_done = checkpoints.resume(flat.buffer) if job.resuming else 0
-    frozen = _verify_frozen(model, world) if cfg.verify_sync else None
-    writer = _open_results(cfg, world, job, diagnostics.group_names, rounds_done)
+    has_frozen = any(not p.requires_grad for p in model.parameters())
+    frozen = _verify_frozen(model, world) if cfg.verify_sync and has_frozen else None
+    writer = _open_results(cfg, world, job, diagnostics.group_names, rounds_done, dp)
+    if dp:
+        log(
+            world,
+            f"privacy: DP-FedAvg, clip {dp.bound:g}, noise multiplier {dp.noise:g}, Poisson "
+            f"rate {dp.rate:.4g} of {len(plan.participants)} clients (denominator "
+            f"{dp.denominator:g}), delta {dp.delta:.3g}; central DP with a trusted aggregator",
+        )
 
     scores = None
     for round_ in range(rounds_done + 1, cfg.rounds + 1):
         clock = PhaseClock(device)
-        cohort = sample_cohort(plan.n_clients, cfg.cohort_size(world.size), cfg.seed, round_)
+        cohort = _cohort(cfg, world, plan, dp, round_)
         if not flat.is_intact():
             raise RuntimeError("a parameter no longer aliases the flat buffer")
 
         # Local training: each of this rank's clients in the cohort starts from the global model.
         round_start.copy_(flat.buffer)
-        aggregator.begin_round(denominator=sum(plan.weights[k] for k in cohort))
+        denominator = dp.denominator if dp else sum(plan.weights[k] for k in cohort)
+        aggregator.begin_round(denominator, rescale=dp is None)
         diagnostics.start_round()
+        clipped = np.zeros(plan.n_clients)
         for i, client in enumerate(k for k in plan.my_clients if k in cohort):
             faults.inject(world.rank, round_, "train")
             if faults.should_fail(world.rank, round_, "preempt"):
@@ -100,9 +114,12 @@ def run(cfg: Config, world: World) -> None:
             if faults.should_fail(world.rank, round_, "nan"):
                 flat.buffer.fill_(float("nan"))
             weight = plan.weights[client]
-            if diagnostics.record_client(client, weight, flat.buffer, round_start) is None:
+            norm = diagnostics.record_client(client, weight, flat.buffer, round_start)
+            if norm is None:
                 _nonfinite(cfg, world, client, round_)
                 continue
+            if dp:
+                clipped[client] = dp.clip(flat.buffer, round_start, norm)
             aggregator.add(flat.buffer, weight, result.loss_sum, result.samples_seen)
         clock.mark("train")
 
@@ -116,9 +133,11 @@ def run(cfg: Config, world: World) -> None:
         if totals.stop_votes > 0:  # some rank was signalled: this round is void
             flat.buffer.copy_(round_start)
             _preempted(world, checkpoints, round_, flat.buffer, resumed=round_ == rounds_done + 1)
-        if not totals.weight > 0:
+        if dp:
+            dp.privatise(totals.average, round_start, totals.weight, round_)
+        elif not totals.weight > 0:
             raise RuntimeError(f"no client contributed to round {round_} (all were skipped)")
-        diagnostics.observe_average(totals.average, aggregator.denominator, round_start)
+        diagnostics.observe_average(totals.average, denominator, round_start)
         server.step(flat.buffer, round_start, totals.average)
         clock.mark("allreduce")
         health = diagnostics.finish_round(world, cohort, flat.buffer, round_start)
@@ -126,25 +145,30 @@ def run(cfg: Config, world: World) -> None:
 
         # Evaluation of the new global model, sharded over ranks.
         faults.inject(world.rank, round_, "eval")
-        evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
-        scores = (
-            evaluate(model, job.local_test, n_classes, cfg.eval_batch_size, world, job.precision)
-            if evaluated
-            else None
-        )
+        scores, per_client = None, {}
+        if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
+            scores = evaluate(
+                model, job.local_test, n_classes, cfg.eval_batch_size, world, job.precision
+            )
+            if plan.eval_rows:
+                per_client = _evaluate_clients(cfg, world, job, n_classes)
         clock.mark("eval")
 
         row = {
             "round": round_,
             "clients/cohort": np.isin(np.arange(plan.n_clients), cohort).astype(np.int8),
-            "metrics/train_loss": totals.loss_sum / totals.examples,
+            "metrics/train_loss": totals.loss_sum / totals.examples if totals.examples else np.nan,
             "metrics/test_accuracy": scores.accuracy if scores else np.nan,
             "metrics/test_loss": scores.loss if scores else np.nan,
             "metrics/test_macro_f1": scores.macro_f1 if scores else np.nan,
             "comm/payload_bytes": aggregator.nbytes,
+            **per_client,
             **clock.seconds(),
             **health,
         }
+        if dp:
+            row["privacy/epsilon"] = dp.epsilon()
+            row["privacy/clipped_update_norm"] = _gather_clipped(world, cohort, clipped, health)
         if cfg.verify_sync:
             row["sync/param_crc32"] = _verify_identical(flat.buffer, world)
         if writer is not None:
@@ -166,6 +190,52 @@ def run(cfg: Config, world: World) -> None:
         log(world, f"the checkpoint already holds all {cfg.rounds} rounds: nothing to train")
     final = f"final test accuracy {scores.accuracy:.4f}, " if scores else ""
     log(world, f"done: {final}results in {job.out_dir / RESULTS_NAME}")
+
+
+def _cohort(
+    cfg: Config, world: World, plan: FederationPlan, dp: ClientLevelDP | None, round_: int
+) -> np.ndarray:
+    """The round's clients, the same on every rank: Poisson-sampled under DP (what the
+    accountant assumes), else a fixed-size draw among the clients that may train."""
+    if dp:
+        return poisson_cohort(plan.participants, dp.rate, cfg.seed, round_)
+    return round_cohort(plan.participants, cfg.cohort_size(world.size), cfg.seed, round_)
+
+
+def _evaluate_clients(cfg: Config, world: World, job: Job, n_classes: int) -> dict:
+    """Per-client accuracy on each client's own rows, and the pooled accuracy of the
+    clients that trained (their local test sets) and of those that never did."""
+    counts = evaluate_clients(
+        job.model,
+        job.client_eval,
+        job.plan.n_clients,
+        n_classes,
+        cfg.eval_batch_size,
+        world,
+        job.precision,
+    )
+    accuracy = np.full(job.plan.n_clients, np.nan)
+    for client in job.plan.eval_rows:
+        if counts[client, :-1].sum():
+            accuracy[client] = metrics_from_counts(counts[client], n_classes).accuracy
+    row = {"clients/test_accuracy": accuracy}
+    holdout = job.plan.holdout.astype(bool)
+    for name, members in (("client_test", ~holdout), ("holdout", holdout)):
+        pooled = counts[members & np.isin(np.arange(job.plan.n_clients), list(job.plan.eval_rows))]
+        if len(pooled) and pooled[:, :-1].sum():
+            scores = metrics_from_counts(pooled.sum(axis=0), n_classes)
+            row[f"metrics/{name}_accuracy"] = scores.accuracy
+            row[f"metrics/{name}_macro_f1"] = scores.macro_f1
+    return row
+
+
+def _gather_clipped(
+    world: World, cohort: np.ndarray, clipped: np.ndarray, health: dict
+) -> np.ndarray:
+    """Every client's clipped update norm (NaN for clients not in the cohort or skipped)."""
+    world.comm.Allreduce(MPI.IN_PLACE, clipped, op=MPI.SUM)
+    absent = ~np.isin(np.arange(len(clipped)), cohort) | (health["clients/skipped"] > 0)
+    return np.where(absent, np.nan, clipped)
 
 
 class PhaseClock:
@@ -191,7 +261,12 @@ class PhaseClock:
 
 
 def _open_results(
-    cfg: Config, world: World, job: Job, layer_groups: list[str], rounds_done: int
+    cfg: Config,
+    world: World,
+    job: Job,
+    layer_groups: list[str],
+    rounds_done: int,
+    dp: ClientLevelDP | None,
 ) -> ResultsWriter | None:
     """Rank 0's results file: new, or the resumed run's, continued."""
     if not world.is_root:
@@ -207,11 +282,21 @@ def _open_results(
         "data_sha256": job.info.content_sha256,
         "how_split": job.info.how_split,
         **job.test_identity,
+        **(
+            {"dp_delta": dp.delta, "dp_sample_rate": dp.rate, "dp_denominator": dp.denominator}
+            if dp
+            else {}
+        ),
     }
+    plan = job.plan
     static = {
-        "clients/sizes": np.asarray(job.plan.sizes),
-        "clients/rank": np.asarray(job.plan.client_rank),
-        "clients/label_histogram": job.plan.label_histogram,
+        "clients/sizes": np.asarray(plan.sizes),
+        "clients/rank": np.asarray(plan.client_rank),
+        "clients/label_histogram": plan.label_histogram,
+        "clients/holdout": plan.holdout,
+        "clients/eval_sizes": np.array(
+            [len(plan.eval_rows.get(k, ())) for k in range(plan.n_clients)]
+        ),
     }
     launch = {
         "config": json.loads(cfg.to_json()),
@@ -295,8 +380,9 @@ def _round_summary(round_: int, rounds: int, row: dict) -> str:
             f"loss {row['metrics/test_loss']:.4f} | "
         )
     )
+    privacy = f"epsilon {row['privacy/epsilon']:.3g} | " if "privacy/epsilon" in row else ""
     return (
-        f"round {round_}/{rounds} | train loss {row['metrics/train_loss']:.4f} | {test}"
+        f"round {round_}/{rounds} | train loss {row['metrics/train_loss']:.4f} | {test}{privacy}"
         f"{row['timing/round_s']:.1f}s (train {row['timing/train_s']:.1f}, wait "
         f"{row['timing/wait_s']:.2f}, allreduce {row['timing/allreduce_s']:.3f}, eval "
         f"{row['timing/eval_s']:.1f})"

@@ -293,6 +293,67 @@ CASES = [
         None,
     ),
     ("spooky without its CSV", ["--dataset", "spooky"], "FEDMPI_SPOOKY_CSV", None),
+    # Privacy, held-out clients, LoRA.
+    (
+        "DP with shard-size weights",
+        ["--clients", "4", "--dp-clip", "1"],
+        "DP-FedAvg weighs every client equally",
+        None,
+    ),
+    (
+        "DP with a clip bound of 0",
+        ["--dp-clip", "0", "--weighting", "uniform"],
+        "--dp-clip must be positive",
+        None,
+    ),
+    (
+        "DP with negative noise",
+        ["--dp-clip", "1", "--dp-noise=-1", "--weighting", "uniform"],
+        "--dp-noise must be >= 0",
+        None,
+    ),
+    (
+        "DP noise without clipping",
+        ["--dp-noise", "1"],
+        "--dp-noise and --dp-delta need --dp-clip",
+        None,
+    ),
+    (
+        "DP with a cohort of 1 of 1",
+        ["--clients", "2", "--holdout-clients", "0.5", "--dp-clip", "1", "--weighting", "uniform"],
+        "client-level DP with a single training client protects nothing",
+        None,
+    ),
+    (
+        "every client held out",
+        ["--holdout-clients", "1"],
+        "--holdout-clients must be in [0, 1)",
+        None,
+    ),
+    (
+        "client test fraction of 1",
+        ["--eval-clients", "--client-test-fraction", "1"],
+        "--client-test-fraction must be in (0, 1)",
+        None,
+    ),
+    (
+        "LoRA rank 0",
+        ["--peft", "lora", "--lora-r", "0"],
+        "--lora-r must be a positive integer",
+        None,
+    ),
+    (
+        "LoRA settings without LoRA",
+        ["--lora-freeze-a"],
+        "--lora-targets and --lora-freeze-a need --peft lora",
+        None,
+    ),
+    (
+        "LoRA targets the model lacks",
+        ["--peft", "lora", "--lora-targets", "no_such_proj"],
+        "--peft lora: Target modules",
+        None,
+    ),
     # Checkpoints.
     (
         "checkpoint of another client count",
