@@ -351,7 +351,7 @@ CASES = [
     (
         "LoRA targets the model lacks",
         ["--peft", "lora", "--lora-targets", "no_such_proj"],
-        "--peft lora: Target modules",
+        "--peft lora: No modules were targeted for adaptation",
         None,
     ),
     # Checkpoints.
