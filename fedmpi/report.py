@@ -63,6 +63,12 @@ COLUMNS = [
     "bytes_per_client_round",
     "bytes_total",
     "seconds_per_round",
+    "epsilon",
+    "client_accuracy_mean",
+    "client_accuracy_worst",
+    "client_accuracy_p10",
+    "client_accuracy_std",
+    "holdout_accuracy",
     "runs",
 ]
 
@@ -112,6 +118,14 @@ def summary_rows(groups: list[Group], reach: float, root: Path) -> list[dict[str
                 "seconds_per_round": _or_none(
                     group.stat(lambda r: float(_nanmean(r.round_seconds)))[0]
                 ),
+                "epsilon": _or_none(group.stat(lambda r: r.final_epsilon)[0]),
+                **{
+                    f"client_accuracy_{key}": _or_none(
+                        group.stat(lambda r, k=key: r.final_client_spread().get(k, math.nan))[0]
+                    )
+                    for key in ("mean", "worst", "p10", "std")
+                },
+                "holdout_accuracy": _or_none(group.stat(lambda r: r.final_holdout_accuracy)[0]),
                 "runs": ";".join(_relative(r.path, root) for r in group.runs),
             }
         )
@@ -201,6 +215,36 @@ def write_markdown(
             _cell(row["seconds_per_round"], 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    clients = [r for r in rows if r["client_accuracy_mean"] is not None or r["epsilon"] is not None]
+    if clients:
+        lines += [
+            "",
+            "## Privacy and clients",
+            "",
+            "Per-client accuracy on each client's own held-out examples at the last scored "
+            "round (mean over seeds of: the mean, worst, 10th percentile and standard "
+            "deviation across clients); `unseen`: pooled accuracy on clients that never "
+            "trained; epsilon of DP-FedAvg after the last round (inf: no noise).",
+            "",
+            "| model | dataset | clients | setting | seeds | final acc | epsilon | client mean "
+            "| worst | p10 | spread (sd) | unseen |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in clients:
+            cells = [
+                row["model"],
+                row["dataset"],
+                str(row["clients"]),
+                row["setting"],
+                str(row["seeds"]),
+                _pm(row, "final_accuracy"),
+                _cell(row["epsilon"], 2),
+            ]
+            cells += [
+                _cell(row[f"client_accuracy_{k}"], 3) for k in ("mean", "worst", "p10", "std")
+            ]
+            cells.append(_cell(row["holdout_accuracy"], 3))
+            lines.append("| " + " | ".join(cells) + " |")
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{f.stem}]({f.name})\n" for f in figures]

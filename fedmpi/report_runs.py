@@ -69,6 +69,9 @@ class Run:
     round_seconds: np.ndarray | None = None
     mean_cosine: np.ndarray | None = None  # per round, mean leave-one-out client cosine
     global_norm: np.ndarray | None = None
+    epsilon: np.ndarray | None = None  # per round, DP-FedAvg's epsilon
+    client_accuracy: np.ndarray | None = None  # (rounds, clients), on each client's own rows
+    holdout_accuracy: np.ndarray | None = None  # per round, pooled over never-trained clients
 
     @property
     def model(self) -> str:
@@ -141,6 +144,33 @@ class Run:
         rounds, acc = self.evaluated()
         hits = np.flatnonzero(acc >= target - _EPS)
         return int(rounds[hits[0]]) if hits.size else None
+
+    def final_client_spread(self) -> dict[str, float]:
+        """Across the clients that trained, at the last round they were scored: mean,
+        worst, 10th percentile and standard deviation of their own accuracy."""
+        if self.client_accuracy is None:
+            return {}
+        scored = [row for row in self.client_accuracy if not np.isnan(row).all()]
+        if not scored:
+            return {}
+        last = scored[-1][~np.isnan(scored[-1])]
+        return {
+            "mean": float(last.mean()),
+            "worst": float(last.min()),
+            "p10": float(np.percentile(last, 10)),
+            "std": float(last.std(ddof=1)) if last.size > 1 else math.nan,
+        }
+
+    @property
+    def final_epsilon(self) -> float:
+        return float(self.epsilon[-1]) if self.epsilon is not None else math.nan
+
+    @property
+    def final_holdout_accuracy(self) -> float:
+        if self.holdout_accuracy is None:
+            return math.nan
+        values = self.holdout_accuracy[~np.isnan(self.holdout_accuracy)]
+        return float(values[-1]) if values.size else math.nan
 
     @property
     def bytes_total(self) -> float:
@@ -245,7 +275,19 @@ def load_run(path: Path) -> Run:
         round_seconds=_per_round(data, "timing/round_s", n),
         mean_cosine=None if cosine is None else _row_mean(cosine.reshape(n, -1)),
         global_norm=_per_round(data, "diagnostics/global_update_norm", n),
+        epsilon=_per_round(data, "privacy/epsilon", n),
+        client_accuracy=_clients_that_trained(data, n),
+        holdout_accuracy=_per_round(data, "metrics/holdout_accuracy", n),
     )
+
+
+def _clients_that_trained(data: dict[str, Any], n: int) -> np.ndarray | None:
+    """``clients/test_accuracy`` without the held-out clients (they are reported pooled)."""
+    accuracy = _per_round(data, "clients/test_accuracy", n)
+    if accuracy is None:
+        return None
+    holdout = np.asarray(data.get("clients/holdout", np.zeros(accuracy.shape[1]))).astype(bool)
+    return accuracy[:, ~holdout]
 
 
 def _num_clients(data: dict[str, Any], cfg: dict[str, Any], path: Path) -> int:

@@ -282,3 +282,39 @@ def test_run_before_its_first_round_exits_2(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no round finished" in err
+
+
+def test_per_client_spread_epsilon_and_unseen_clients(tmp_path):
+    path = tmp_path / "run"
+    path.mkdir()
+    cfg = Config(model="m", dataset="toy", clients=5, rounds=2)
+    attrs = {
+        "config": cfg.to_json(),
+        "label_names": json.dumps(LABELS),
+        "majority_rate": MAJORITY,
+        "majority_macro_f1": 0.1,
+        "test_examples": 400,
+    }
+    static = {"clients/sizes": np.full(5, 10), "clients/holdout": np.array([0, 0, 0, 0, 1])}
+    writer = ResultsWriter(path / RESULTS_NAME, attrs, static, {})
+    # Client 4 is held out: its 0.99 must not count among the clients that trained.
+    for round_, accuracy in ((1, [0.1, 0.2, 0.3, 0.4, 0.99]), (2, [0.5, 0.7, 0.9, 0.6, 0.99])):
+        writer.append(
+            {
+                "round": round_,
+                "metrics/test_accuracy": 0.7,
+                "clients/test_accuracy": np.array(accuracy),
+                "metrics/holdout_accuracy": 0.99,
+                "privacy/epsilon": 0.5 * round_,
+            }
+        )
+    out = tmp_path / "report"
+    assert main([str(path), "--out", str(out)]) == 0
+    (row,) = read_csv(out / "summary.csv")
+    last = [0.5, 0.7, 0.9, 0.6]  # round 2, the four clients that trained
+    assert float(row["client_accuracy_mean"]) == pytest.approx(0.675)
+    assert float(row["client_accuracy_worst"]) == 0.5
+    assert float(row["client_accuracy_p10"]) == pytest.approx(0.53)  # 0.5 + 0.3 * (0.6 - 0.5)
+    assert float(row["client_accuracy_std"]) == pytest.approx(np.std(last, ddof=1), abs=1e-6)
+    assert float(row["holdout_accuracy"]) == 0.99 and float(row["epsilon"]) == 1.0
+    assert "## Privacy and clients" in (out / "summary.md").read_text()
