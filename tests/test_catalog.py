@@ -62,7 +62,8 @@ def test_distil_minilm_encoder_equals_minilm_bert():
 @pytest.mark.parametrize("name", ["minilm", "distil-minilm", "albert-tiny"])
 def test_builtin_model_takes_a_training_step(name):
     torch.manual_seed(0)
-    model = models.load_model(name, ["a", "b"])
+    model, new = models.load_model(name, ["a", "b"])
+    assert new and all("classifier." in n for n in new)  # only the head is new
     tokenizer = models.load_tokenizer(name)
     inputs = tokenizer(
         ["a great film", "a terrible, boring film"],
@@ -248,7 +249,13 @@ def test_mpnet_assembles_from_a_split_zip(tmp_path):
         p.name for p in source.iterdir() if p.is_file() and p.suffix != ".ini"
     }
     assert not (tmp_path / "escape.txt").exists() and not (out / "1_Pooling").exists()
-    model = load_model(str(out), ["neg", "pos"])
+    model, new = load_model(str(out), ["neg", "pos"])
+    assert sorted(new) == [
+        "classifier.dense.bias",
+        "classifier.dense.weight",
+        "classifier.out_proj.bias",
+        "classifier.out_proj.weight",
+    ]
     assert type(model).__name__ == "MPNetForSequenceClassification"
     # The encoder is the saved one, bit for bit; only the classification head is new.
     saved = load_file(source / "model.safetensors")
