@@ -12,6 +12,10 @@ questions:
 * ``diagnostics_<model>_<dataset>[_<setting>].png`` (runs with ``diagnostics/*``): the
   mean leave-one-out cosine of client updates, and the norm of the global update, per
   round: do client updates disagree where accuracy falls?
+* ``privacy_<model>_<dataset>.png`` (DP runs, ``privacy/epsilon``): final test accuracy
+  against the epsilon spent, one point per configuration, with the clients' own accuracy
+  (``--eval-clients``: mean, the bar one standard deviation across clients, the triangle
+  the 10th percentile): what does a privacy budget cost, and whom?
 """
 
 from __future__ import annotations
@@ -129,13 +133,59 @@ def diagnostics(groups: list[Group], path: Path) -> Path:
     return _save(fig, path)
 
 
+def privacy_utility(groups: list[Group], path: Path) -> Path:
+    """One model x dataset: final accuracy vs final epsilon; runs without noise (infinite
+    epsilon) are a horizontal line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = sorted(
+        (g for g in groups if math.isfinite(g.stat(lambda r: r.final_epsilon)[0])),
+        key=lambda g: g.stat(lambda r: r.final_epsilon)[0],
+    )
+    if finite:
+        eps = [g.stat(lambda r: r.final_epsilon)[0] for g in finite]
+        acc = [g.stat(lambda r: r.final_accuracy) for g in finite]
+        ax.errorbar(
+            eps,
+            [m for m, _ in acc],
+            yerr=[0.0 if math.isnan(h) else h for _, h in acc],
+            marker="o",
+            capsize=3,
+            label="global test set",
+        )
+        spreads = [g.first.final_client_spread() for g in finite]
+        if all(spreads):
+            ax.errorbar(
+                eps,
+                [s["mean"] for s in spreads],
+                yerr=[s["std"] for s in spreads],
+                marker="s",
+                linestyle=":",
+                capsize=3,
+                label="clients' own test sets (mean, sd)",
+            )
+            ax.scatter(eps, [s["p10"] for s in spreads], marker="v", label="clients, 10th pct")
+        ax.set_xscale("log")
+    for group in groups:
+        if not math.isfinite(group.stat(lambda r: r.final_epsilon)[0]):
+            mean, _ = group.stat(lambda r: r.final_accuracy)
+            ax.axhline(mean, color="green", linestyle="-.", label="no noise (epsilon = inf)")
+    _majority(ax, groups)
+    run = groups[0].first
+    ax.set(xlabel="epsilon", ylabel="final test accuracy", title=f"{run.model} on {run.dataset}")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def write_figures(groups: list[Group], out: Path) -> list[Path]:
     """Every figure for these groups into ``out``; returns their paths."""
     curves: dict[tuple[str, str, str], list[Group]] = defaultdict(list)
     datasets: dict[str, list[Group]] = defaultdict(list)
+    private: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for group in groups:
         curves[(group.first.model, group.first.dataset, group.setting)].append(group)
         datasets[group.first.dataset].append(group)
+        if group.first.epsilon is not None:
+            private[(group.first.model, group.first.dataset)].append(group)
     figures = []
     for (model, dataset, setting), members in sorted(curves.items()):
         slug = _slug(model, dataset, setting)
@@ -145,4 +195,6 @@ def write_figures(groups: list[Group], out: Path) -> list[Path]:
             figures.append(diagnostics(with_diagnostics, out / f"diagnostics_{slug}.png"))
     for dataset, members in sorted(datasets.items()):
         figures.append(final_vs_clients(members, out / f"final_accuracy_{_slug(dataset)}.png"))
+    for (model, dataset), members in sorted(private.items()):
+        figures.append(privacy_utility(members, out / f"privacy_{_slug(model, dataset)}.png"))
     return figures
