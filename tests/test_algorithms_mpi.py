@@ -1,7 +1,6 @@
 """Clients independent of ranks, cohorts, partitions, FedProx, server optimizers (real MPI)."""
 
 import numpy as np
-import pytest
 import torch
 from conftest import run_mpi
 from test_train_mpi import fedmpi_args
@@ -100,37 +99,17 @@ def test_fedprox_keeps_clients_near_the_global_model(tiny_bert, toy_dataset, tmp
     assert np.all((cosine > 0) & (cosine <= 1 + 1e-6))
 
 
-VARIANT_COMMON = ("--clients", 2, "--rounds", 2, "--lr", "2e-3")
-
-
-@pytest.fixture(scope="module")
-def baseline(tiny_bert, toy_dataset, tmp_path_factory):
-    return run_fedmpi(
-        2, tiny_bert, toy_dataset, tmp_path_factory.mktemp("base") / "out", *VARIANT_COMMON
-    )
-
-
-@pytest.mark.parametrize(
-    "variant",
-    [
-        ("--server-opt", "adam", "--server-lr", "0.01"),
-        ("--server-opt", "avgm"),
-        ("--keep-local-opt",),
-        ("--precision", "bf16"),
-        ("--group-by-length",),
-        ("--weighting", "uniform", "--partition", "quantity:0.5"),
-    ],
-)
-def test_algorithm_variants_train_and_change_the_result(
-    variant, baseline, tiny_bert, toy_dataset, tmp_path
-):
-    other = run_fedmpi(2, tiny_bert, toy_dataset, tmp_path / "out", *VARIANT_COMMON, *variant)
-    assert np.all(np.isfinite(other["metrics/train_loss"]))
-    assert not np.allclose(
-        other["diagnostics/global_update_norm"], baseline["diagnostics/global_update_norm"]
-    )
-    key = variant[0].lstrip("-").replace("-", "_")
-    assert other["config"][key] != baseline["config"][key]
+def test_bf16_autocast_approximates_fp32_training(tiny_bert, toy_dataset, tmp_path):
+    """--precision bf16 computes in bf16 (the result is not fp32's bit for bit) yet stays
+    within bf16's rounding of it: same losses and update sizes to a few per cent. (The
+    server optimizers, --keep-local-opt and uniform weighting are checked exactly against
+    references in test_server_mpi.py and test_reliability_mpi.py.)"""
+    common = ("--clients", 2, "--rounds", 2, "--lr", "2e-3")
+    fp32 = run_fedmpi(2, tiny_bert, toy_dataset, tmp_path / "fp32", *common)
+    bf16 = run_fedmpi(2, tiny_bert, toy_dataset, tmp_path / "bf16", *common, "--precision", "bf16")
+    for key in ("metrics/train_loss", "diagnostics/global_update_norm"):
+        assert not np.array_equal(bf16[key], fp32[key])
+        np.testing.assert_allclose(bf16[key], fp32[key], rtol=0.05)
 
 
 def test_partition_by_a_natural_column_keeps_each_debate_on_one_client(tiny_bert, tmp_path):

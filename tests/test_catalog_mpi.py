@@ -7,8 +7,14 @@ from conftest import run_mpi
 from fedmpi.results import read_results
 
 
-@pytest.mark.parametrize("model", ["distil-minilm", "albert-tiny"])
-def test_derived_model_runs_one_federated_round(model, tmp_path):
+@pytest.mark.parametrize(
+    "model,architecture",
+    [
+        ("distil-minilm", "DistilBertForSequenceClassification"),
+        ("albert-tiny", "AlbertForSequenceClassification"),
+    ],
+)
+def test_derived_model_runs_one_federated_round(model, architecture, tmp_path):
     out = tmp_path / "out"
     result = run_mpi(
         2,
@@ -35,6 +41,11 @@ def test_derived_model_runs_one_federated_round(model, tmp_path):
     assert result.returncode == 0, result.output
     results = read_results(out / "results.h5")
     assert results["label_names"] == ["business", "entertainment", "politics", "sports", "tech"]
+    assert f"model: {model} ({architecture})" in result.output
     assert np.isfinite(results["metrics/train_loss"][0])
-    assert 0 <= results["metrics/test_accuracy"][0] <= 1
+    assert results["diagnostics/global_update_norm"][0] > 0  # the round moved the model
+    assert results["clients/label_histogram"].sum() == 64
+    # Accuracy is a count over the 64 test examples, not an arbitrary float.
+    correct = results["metrics/test_accuracy"][0] * 64
+    assert abs(correct - round(correct)) < 1e-6
     assert list((tmp_path / "cache" / "models").iterdir())  # the model directory was built
