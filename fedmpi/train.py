@@ -26,8 +26,8 @@ from fedmpi.client import LocalOptimizers, client_seed, train_client
 from fedmpi.comm import World, log, wait_for_all
 from fedmpi.config import Config
 from fedmpi.diagnostics import UpdateDiagnostics
-from fedmpi.evaluate import evaluate, evaluate_clients, metrics_from_counts
-from fedmpi.fedavg import WeightedAllreduce, reduces_in_place
+from fedmpi.evaluate import EvalResult, evaluate, evaluate_clients, metrics_from_counts
+from fedmpi.fedavg import RoundTotals, WeightedAllreduce, reduces_in_place
 from fedmpi.partition import round_cohort
 from fedmpi.preemption import EXIT_PREEMPTED, EXIT_STALLED, StopRequest
 from fedmpi.prepare import FederationPlan, Job, prepare
@@ -86,41 +86,10 @@ def run(cfg: Config, world: World) -> None:
         denominator = dp.denominator if dp else sum(plan.weights[k] for k in cohort)
         aggregator.begin_round(denominator, rescale=dp is None)
         diagnostics.start_round()
-        clipped = np.zeros(plan.n_clients)
-        for i, client in enumerate(k for k in plan.my_clients if k in cohort):
-            faults.inject(world.rank, round_, "train")
-            if faults.should_fail(world.rank, round_, "preempt"):
-                stop.request()
-            if stop.requested:
-                break
-            if i > 0:
-                flat.buffer.copy_(round_start)
-            result = train_client(
-                model,
-                flat.params,
-                job.local_train[client],
-                cfg,
-                client_seed(cfg.seed, client, round_),
-                optimizers.for_client(client),
-                anchor,
-                progress=lambda step, total, loss, c=client, r=round_: log(
-                    world, f"round {r}/{cfg.rounds} client {c}: step {step}/{total} loss {loss:.4f}"
-                ),
-                should_stop=lambda: stop.requested,
-                compute=job.precision,
-            )
-            if result.stopped:
-                break
-            if faults.should_fail(world.rank, round_, "nan"):
-                flat.buffer.fill_(float("nan"))
-            weight = plan.weights[client]
-            norm = diagnostics.record_client(client, weight, flat.buffer, round_start)
-            if norm is None:
-                _nonfinite(cfg, world, client, round_)
-                continue
-            if dp:
-                clipped[client] = dp.clip(flat.buffer, round_start, norm)
-            aggregator.add(flat.buffer, weight, result.loss_sum, result.samples_seen)
+        clipped = _train_cohort(
+            cfg, world, job, round_, cohort, round_start, anchor, optimizers, aggregator,
+            diagnostics, dp, stop,
+        )  # fmt: skip
         clock.mark("train")
 
         # Aggregation: wait (sleeping) for the slowest rank, one Allreduce, the server step.
@@ -154,23 +123,10 @@ def run(cfg: Config, world: World) -> None:
                 per_client = _evaluate_clients(cfg, world, job, n_classes)
         clock.mark("eval")
 
-        row = {
-            "round": round_,
-            "clients/cohort": np.isin(np.arange(plan.n_clients), cohort).astype(np.int8),
-            "metrics/train_loss": totals.loss_sum / totals.examples if totals.examples else np.nan,
-            "metrics/test_accuracy": scores.accuracy if scores else np.nan,
-            "metrics/test_loss": scores.loss if scores else np.nan,
-            "metrics/test_macro_f1": scores.macro_f1 if scores else np.nan,
-            "comm/payload_bytes": aggregator.nbytes,
-            **per_client,
-            **clock.seconds(),
-            **health,
-        }
-        if dp:
-            row["privacy/epsilon"] = dp.epsilon()
-            row["privacy/clipped_update_norm"] = _gather_clipped(world, cohort, clipped, health)
-        if cfg.verify_sync:
-            row["sync/param_crc32"] = _verify_identical(flat.buffer, world)
+        row = _round_row(
+            cfg, world, plan, round_, cohort, totals, scores, per_client, aggregator, clock,
+            health, dp, clipped, flat.buffer,
+        )  # fmt: skip
         if writer is not None:
             faults.inject(world.rank, round_, "results")
             writer.append(row)
@@ -178,14 +134,121 @@ def run(cfg: Config, world: World) -> None:
             checkpoints.save(round_, flat.buffer)
         log(world, _round_summary(round_, cfg.rounds, row))
 
-    # --- Finish.
+    _finish(cfg, world, job, checkpoints, frozen, rounds_done, scores)
+
+
+def _train_cohort(
+    cfg: Config,
+    world: World,
+    job: Job,
+    round_: int,
+    cohort: np.ndarray,
+    round_start: torch.Tensor,
+    anchor: list[torch.Tensor] | None,
+    optimizers: LocalOptimizers,
+    aggregator: WeightedAllreduce,
+    diagnostics: UpdateDiagnostics,
+    dp: ClientLevelDP | None,
+    stop: StopRequest,
+) -> np.ndarray:
+    """Train this rank's clients of the cohort one after another, each from the round's
+    global model, into the payload; returns their clipped update norms (DP; else zeros).
+    Stops early, leaving the round to be voided, when a preemption signal arrives."""
+    model, flat, plan = job.model, job.flat, job.plan
+    clipped = np.zeros(plan.n_clients)
+    for i, client in enumerate(k for k in plan.my_clients if k in cohort):
+        faults.inject(world.rank, round_, "train")
+        if faults.should_fail(world.rank, round_, "preempt"):
+            stop.request()
+        if stop.requested:
+            break
+        if i > 0:
+            flat.buffer.copy_(round_start)
+        result = train_client(
+            model,
+            flat.params,
+            job.local_train[client],
+            cfg,
+            client_seed(cfg.seed, client, round_),
+            optimizers.for_client(client),
+            anchor,
+            progress=lambda step, total, loss, c=client: log(
+                world,
+                f"round {round_}/{cfg.rounds} client {c}: step {step}/{total} loss {loss:.4f}",
+            ),
+            should_stop=lambda: stop.requested,
+            compute=job.precision,
+        )
+        if result.stopped:
+            break
+        if faults.should_fail(world.rank, round_, "nan"):
+            flat.buffer.fill_(float("nan"))
+        weight = plan.weights[client]
+        norm = diagnostics.record_client(client, weight, flat.buffer, round_start)
+        if norm is None:
+            _nonfinite(cfg, world, client, round_)
+            continue
+        if dp:
+            clipped[client] = dp.clip(flat.buffer, round_start, norm)
+        aggregator.add(flat.buffer, weight, result.loss_sum, result.samples_seen)
+    return clipped
+
+
+def _round_row(
+    cfg: Config,
+    world: World,
+    plan: FederationPlan,
+    round_: int,
+    cohort: np.ndarray,
+    totals: RoundTotals,
+    scores: EvalResult | None,
+    per_client: dict,
+    aggregator: WeightedAllreduce,
+    clock: PhaseClock,
+    health: dict,
+    dp: ClientLevelDP | None,
+    clipped: np.ndarray,
+    params: torch.Tensor,
+) -> dict:
+    """The round's row of results.h5 (every rank computes it; rank 0 writes it)."""
+    row = {
+        "round": round_,
+        "clients/cohort": np.isin(np.arange(plan.n_clients), cohort).astype(np.int8),
+        "metrics/train_loss": totals.loss_sum / totals.examples if totals.examples else np.nan,
+        "metrics/test_accuracy": scores.accuracy if scores else np.nan,
+        "metrics/test_loss": scores.loss if scores else np.nan,
+        "metrics/test_macro_f1": scores.macro_f1 if scores else np.nan,
+        "comm/payload_bytes": aggregator.nbytes,
+        **per_client,
+        **clock.seconds(),
+        **health,
+    }
+    if dp:
+        row["privacy/epsilon"] = dp.epsilon()
+        row["privacy/clipped_update_norm"] = _gather_clipped(world, cohort, clipped, health)
+    if cfg.verify_sync:
+        row["sync/param_crc32"] = _verify_identical(params, world)
+    return row
+
+
+def _finish(
+    cfg: Config,
+    world: World,
+    job: Job,
+    checkpoints: Checkpointer,
+    frozen: int | None,
+    rounds_done: int,
+    scores: EvalResult | None,
+) -> None:
+    """After the last round: the frozen base checked, the checkpoint left as documented,
+    the model saved if asked."""
     if frozen is not None:
-        if _verify_frozen(model, world) != frozen:
+        if _verify_frozen(job.model, world) != frozen:
             raise RuntimeError("the frozen weights changed during training")
         log(world, f"frozen weights unchanged on every rank (CRC32 {frozen:08x})")
-    checkpoints.finish(max(rounds_done, cfg.rounds), flat.buffer)
-    if writer is not None and cfg.save_model:
-        _save_model(model, flat.storage, cfg, job.out_dir / "model")
+    checkpoints.finish(max(rounds_done, cfg.rounds), job.flat.buffer)
+    if world.is_root and cfg.save_model:
+        _save_model(job.model, job.flat.storage, cfg, job.out_dir / "model")
     if rounds_done >= cfg.rounds:
         log(world, f"the checkpoint already holds all {cfg.rounds} rounds: nothing to train")
     final = f"final test accuracy {scores.accuracy:.4f}, " if scores else ""
