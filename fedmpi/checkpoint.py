@@ -45,6 +45,7 @@ RESUMABLE = {
     "threads",
     "device",
     "cache_dir",
+    "node_local_cache",
     "save_model",
     "verify_sync",
     "eval_batch_size",

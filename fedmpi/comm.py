@@ -58,6 +58,30 @@ class World:
         return self.rank == 0
 
 
+def node_layout(world: World) -> str:
+    """Which ranks run on which host, e.g. ``node0: ranks 0-1; node1: ranks 2-3``.
+
+    Logged at start-up of a multi-node job because MPI launchers report a lost node by
+    host (and PID), not by rank: this line turns their message into the ranks lost.
+    """
+    hosts = world.comm.allgather(MPI.Get_processor_name())  # set-up only, a few bytes
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    return "; ".join(f"{host}: ranks {_ranges(members)}" for host, members in ranks.items())
+
+
+def _ranges(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    spans: list[list[int]] = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def log(world: World, message: str) -> None:
     """Print a progress line from rank 0 only (flushed: Slurm logs are files)."""
     if world.is_root:

@@ -31,8 +31,8 @@ class Config:
     # What to train on.
     model: str = _opt(
         "minilm",
-        "model: a built-in (minilm, distil-minilm, albert-tiny), a paper alias (bert, albert, "
-        "distilbert), a Hugging Face hub id, or a local directory",
+        "model: a built-in (minilm, mpnet, distil-minilm, albert-tiny), a paper alias (bert, "
+        "albert, distilbert), a Hugging Face hub id, or a local directory",
     )
     dataset: str = _opt(
         "rotten_tomatoes",
@@ -186,6 +186,11 @@ class Config:
     overwrite: bool = _opt(False, "allow writing into an output directory that holds results")
     cache_dir: str | None = _opt(
         None, "tokenized-data cache (default: $FEDMPI_CACHE or ~/.cache/fedmpi)"
+    )
+    node_local_cache: bool = _opt(
+        False,
+        "--cache-dir is node-local (no filesystem all nodes share): rank 0 tokenizes, then "
+        "sends the cache over MPI to one rank per node whose copy is missing or stale",
     )
     checkpoint_every: int = _opt(
         0, "write OUTPUT/checkpoint.h5 every N rounds (0: only when preempted)"

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
-from fedmpi import adapters, checkpoint, data, faults, models, precision, provenance
+from fedmpi import adapters, atomic, checkpoint, data, faults, models, precision, provenance
 from fedmpi.batching import DeviceRows
 from fedmpi.comm import (
     World,
     collectively,
     log,
+    node_layout,
     root_computes,
     root_first,
     select_device,
@@ -88,6 +90,10 @@ def prepare(cfg: Config, world: World) -> Job:
     resuming = root_computes(world, lambda: _check_output(out_dir, cfg))
 
     cache = Path(root_computes(world, lambda: _prepare_cache(cfg, world)))
+    if cfg.node_local_cache:
+        copies = collectively(world, lambda: _copy_to_nodes(world, cache))
+        if copies:
+            log(world, f"data: copied the token cache to {copies} other node(s)")
     info = collectively(world, lambda: _read_info_everywhere(cache))
     plan = collectively(world, lambda: _plan_federation(cfg, world, cache, info))
     all_test_rows = subsample(info.n_test, cfg.test_samples, cfg.data_seed)
@@ -159,6 +165,9 @@ def _place(cfg: Config, world: World) -> str:
         f"{world.size} ranks, {cfg.num_clients(world.size)} clients, device {device}"
         + (f", {threads} torch threads per rank" if device == "cpu" else ""),
     )
+    layout = node_layout(world)
+    if ";" in layout:  # more than one node
+        log(world, f"nodes: {layout}")
     return device
 
 
@@ -230,9 +239,63 @@ def _read_info_everywhere(cache: Path) -> data.CacheInfo:
     if not cache.exists():
         raise UsageError(
             f"the token cache {cache} written by rank 0 is not visible here: put "
-            "--cache-dir on a filesystem that every node shares"
+            "--cache-dir on a filesystem that every node shares, or pass --node-local-cache"
         )
     return data.read_info(cache)
+
+
+COPY_PIECE = 2**28  # bytes per Bcast of the cache file (MPI counts are ints)
+
+
+def _copy_to_nodes(world: World, cache: Path) -> int:
+    """--node-local-cache: rank 0 sends its token cache to node-local rank 0 of every node
+    whose own copy at the same path is missing or different; how many nodes got one.
+
+    The cache is a few MB to a few hundred MB and sent once, over MPI: no node but rank
+    0's needs the corpus or a filesystem the others can see. Only node leaders take part.
+    """
+    leaders = world.comm.Split(0 if world.local_rank == 0 else MPI.UNDEFINED, world.rank)
+    if leaders == MPI.COMM_NULL:
+        return 0
+    try:
+        wanted = leaders.bcast(data.read_info(cache).content_sha256 if world.is_root else None)
+        need = not world.is_root and _holds(cache) != wanted
+        copies = leaders.allreduce(int(need))
+        if not copies:
+            return 0
+        receivers = leaders.Split(1 if need or world.is_root else MPI.UNDEFINED, world.rank)
+        if receivers == MPI.COMM_NULL:
+            return copies
+        try:
+            blob = np.fromfile(cache, dtype=np.uint8) if world.is_root else None
+            size = receivers.bcast(len(blob) if blob is not None else 0)
+            if blob is None:
+                blob = np.empty(size, dtype=np.uint8)
+            for start in range(0, size, COPY_PIECE):
+                receivers.Bcast(blob[start : start + COPY_PIECE], root=0)
+        finally:
+            receivers.Free()
+        if need:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                with atomic.replacing(cache) as tmp:
+                    blob.tofile(tmp)
+            except OSError as exc:
+                raise UsageError(
+                    f"--node-local-cache: cannot write the token cache {cache} on "
+                    f"{MPI.Get_processor_name()}: {exc.strerror or exc}"
+                ) from exc
+        return copies
+    finally:
+        leaders.Free()
+
+
+def _holds(cache: Path) -> str | None:
+    """The content hash of this node's copy of the cache, None if it has no usable one."""
+    try:
+        return data.read_info(cache).content_sha256 if cache.exists() else None
+    except data.IncompleteCache:
+        return None
 
 
 def _test_identity(cache: Path, rows: np.ndarray, n_classes: int) -> dict:
