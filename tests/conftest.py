@@ -10,8 +10,10 @@ import csv
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,35 @@ def run_mpi(np_: int, args: list[str], timeout: float = 240, env: dict | None = 
         out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         pytest.fail(f"mpiexec -n {np_} hung for {timeout}s: {command}\n{out[-3000:]}")
     return Completed(proc.returncode, proc.stdout + proc.stderr)
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 120) -> str:
+    """A background job's output up to the first line holding ``text``; kills the job
+    (its whole session) and fails if it ends or the deadline passes first."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"never saw {text!r}:\n{''.join(seen)[-3000:]}")
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
+    """A background job's exit code, the rest of its output and the seconds it took to
+    end; kills it and fails past ``timeout``."""
+    start = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the job did not end within {timeout} s")
+    return proc.returncode, out, time.monotonic() - start
 
 
 def minilm_dir() -> Path:

@@ -16,13 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPTS, mpiexec_command
+from conftest import REPO, SCRIPTS, finish, mpiexec_command, wait_for_line
 from test_train_mpi import fedmpi_args
 
 from fedmpi.preemption import EXIT_PREEMPTED
@@ -85,34 +84,6 @@ def launch(cluster: SimCluster, args: list[str]) -> subprocess.Popen:
     )
 
 
-def read_until(proc: subprocess.Popen, text: str, timeout: float = JOB_TIMEOUT_S) -> str:
-    """The job's output up to the first line holding ``text``; kills the job and fails
-    if it ends or the deadline passes first (a blocked read is cut by the kill)."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"never saw {text!r}:\n{''.join(seen)[-3000:]}")
-
-
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
-    """Exit code, the rest of the output and the seconds it took to end."""
-    start = time.monotonic()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the job did not end within {timeout} s")
-    return proc.returncode, out, time.monotonic() - start
-
-
 def signal_ranks(cluster: SimCluster, node: int, marker: str, signum: int) -> list[int]:
     """Send ``signum`` to the Python ranks on ``node`` whose command line holds ``marker``
     (not to its MPI proxy: a lost node is its ranks dying)."""
@@ -137,7 +108,7 @@ def lost_node(cluster):
     """One light job: it reports where every rank landed, runs Allreduce rounds over the
     links, and then loses every rank of node 1. (topology, output, seconds to end)."""
     proc = launch(cluster, [str(SCRIPTS / "check_nodes.py")])
-    before = read_until(proc, "ROUND 3", timeout=60)
+    before = wait_for_line(proc, "ROUND 3", timeout=60)
     signal_ranks(cluster, 1, "check_nodes.py", signal.SIGKILL)
     code, after, seconds = finish(proc, timeout=LOSS_DEADLINE_S + 15)
     topology = json.loads(before.split("TOPOLOGY ", 1)[1].splitlines()[0])
@@ -243,7 +214,7 @@ def test_preempting_one_node_checkpoints_and_resumes_identically(
     out = tmp_path / "preempted"
     args = job_args(tiny_bert, toy_dataset, out, cluster.node_local, "--node-local-cache")
     proc = launch(cluster, args)
-    read_until(proc, f"round 1/{ROUNDS} |")
+    wait_for_line(proc, f"round 1/{ROUNDS} |", timeout=JOB_TIMEOUT_S)
     signal_ranks(cluster, 1, str(out), signal.SIGTERM)  # what a scheduler sends a node
     code, output, _ = finish(proc, timeout=60)
     assert code == EXIT_PREEMPTED, output[-3000:]

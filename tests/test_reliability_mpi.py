@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, mpiexec_command, run_mpi
+from conftest import REPO, finish, mpiexec_command, run_mpi, wait_for_line
 from test_train_mpi import fedmpi_args
 
 from fedmpi.preemption import EXIT_PREEMPTED
@@ -23,9 +23,10 @@ def job(tiny_bert, toy_dataset, out, *extra):
     return fedmpi_args(tiny_bert, toy_dataset, out, out.parent / "cache", "--threads", 1, *extra)
 
 
-@pytest.mark.parametrize(
-    "fault", ["2:0:setup", "2:1:train", "3:2:aggregate", "1:1:eval", "0:2:results"]
-)
+# The three ways a rank can fail: during set-up (agreed, one message), inside the round
+# while its peers block in the Allreduce, and on rank 0 while writing results. (A fault in
+# local training or evaluation takes the same path as the second.)
+@pytest.mark.parametrize("fault", ["2:0:setup", "3:2:aggregate", "0:2:results"])
 def test_a_failing_rank_ends_the_whole_job(fault, tiny_bert, toy_dataset, tmp_path):
     start = time.monotonic()
     result = run_mpi(
@@ -63,20 +64,6 @@ def launch(np_: int, args: list[str], **env) -> subprocess.Popen:
     )
 
 
-def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 120) -> str:
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"never saw {text!r}:\n{''.join(seen)[-3000:]}")
-
-
 def rank_pids(marker: str) -> list[int]:
     """PIDs of the Python ranks whose command line holds ``marker``."""
     pids = []
@@ -94,15 +81,6 @@ def rank_pids(marker: str) -> list[int]:
     return sorted(pids)
 
 
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the job did not end within {timeout} s")
-    return proc.returncode, out
-
-
 def test_a_killed_rank_ends_the_whole_job(tiny_bert, toy_dataset, tmp_path):
     out = tmp_path / "killed"
     proc = launch(4, job(tiny_bert, toy_dataset, out, "--clients", 4, "--rounds", 200))
@@ -110,12 +88,12 @@ def test_a_killed_rank_ends_the_whole_job(tiny_bert, toy_dataset, tmp_path):
     victim = rank_pids(str(out))[2]
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
-    code, output = finish(proc, timeout=30)
+    code, output, _ = finish(proc, timeout=30)
     assert code != 0, output
     assert time.monotonic() - killed_at < 30
 
 
-ROUNDS = 4
+ROUNDS = 3
 COMMON = ("--rounds", ROUNDS, "--lr", "2e-3", "--local-epochs", 2, "--checkpoint-every", 1)
 CONFIGS = {
     # One client per rank, plain FedAvg: the parameters are reduced in place.
@@ -177,17 +155,11 @@ def assert_same_run(out: Path, reference: Path) -> None:
         assert np.array_equal(got[key], want[key]), key
 
 
-def test_same_seed_and_config_give_bit_identical_results(
-    references, tiny_bert, toy_dataset, tmp_path
-):
-    out = tmp_path / "again"
-    result = run_mpi(2, job(tiny_bert, toy_dataset, out, *COMMON, *CONFIGS["fedavg"]))
-    assert result.returncode == 0, result.output
-    assert_same_run(out, references("fedavg"))
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_resume_after_sigkill_is_bit_identical(name, references, tiny_bert, toy_dataset, tmp_path):
+    """Killed after round 2 and relaunched, the run ends bit-identical to one run straight
+    through in another launch: so resumes are exact, and so is the same seed and
+    configuration launched twice (determinism needs no test of its own)."""
     out = tmp_path / "resumed"
     args = job(tiny_bert, toy_dataset, out, *COMMON, *CONFIGS[name])
     proc = launch(2, args)
@@ -215,7 +187,7 @@ def test_preemption_checkpoints_and_exits_for_requeue(
     proc = launch(2, args)
     wait_for_line(proc, f"round 1/{ROUNDS} |")
     os.kill(rank_pids(str(out))[1], signum)  # one rank only: the others learn it in the Allreduce
-    code, output = finish(proc, timeout=60)
+    code, output, _ = finish(proc, timeout=60)
     assert code == EXIT_PREEMPTED, output
     assert "preempted in round" in output and "keep its state" not in output  # exact
     result = run_mpi(2, args)

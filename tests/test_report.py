@@ -318,3 +318,4 @@ def test_per_client_spread_epsilon_and_unseen_clients(tmp_path):
     assert float(row["client_accuracy_std"]) == pytest.approx(np.std(last, ddof=1), abs=1e-6)
     assert float(row["holdout_accuracy"]) == 0.99 and float(row["epsilon"]) == 1.0
     assert "## Privacy and clients" in (out / "summary.md").read_text()
+    assert (out / "privacy_m_toy.png").stat().st_size > 0  # accuracy against epsilon
