@@ -9,10 +9,11 @@ For each model (``bert-base``: a random ``BertForSequenceClassification(BertConf
 ~110M fp32 parameters, nothing downloaded; ``minilm``: the offline built-in) it times, on
 a payload of the model's size:
 
-* fedmpi's step exactly as ``train.py`` runs it: ``WeightedAllreduce.reset/add/
-  add_metrics/allreduce`` then ``ServerOptimizer("fedavg").step``;
+* fedmpi's step exactly as ``train.py`` runs it with one client per rank (the payload is
+  the parameters' own storage, reduced in place): ``WeightedAllreduce.begin_round/add/
+  allreduce`` then ``ServerOptimizer("fedavg").step``;
 * the per-round diagnostics ``train.py`` adds around it (``record_client``,
-  ``mean_update_sample``, ``finish_round``; they are timed in train_s and eval_s);
+  ``observe_average``, ``finish_round``);
 * a bare ``comm.Allreduce(MPI.IN_PLACE, ...)`` on a preallocated numpy float32 buffer,
   and the same in fixed slices (``--chunks-mb``);
 * one Allreduce per parameter tensor;
@@ -40,7 +41,7 @@ from mpi4py import MPI
 
 from fedmpi.comm import World
 from fedmpi.diagnostics import UpdateDiagnostics
-from fedmpi.fedavg import WeightedAllreduce
+from fedmpi.fedavg import TAIL, WeightedAllreduce, reduces_in_place
 from fedmpi.flat import FlatParameters
 from fedmpi.models import load_model, quiet_transformers
 from fedmpi.server import ServerHyper, ServerOptimizer
@@ -66,7 +67,8 @@ def build_model(name: str) -> torch.nn.Module:
         from transformers import BertConfig, BertForSequenceClassification
 
         return BertForSequenceClassification(BertConfig())
-    return load_model(name, ["a", "b"])
+    model, _ = load_model(name, ["a", "b"])
+    return model
 
 
 def init_gloo(comm: MPI.Comm) -> None:
@@ -89,27 +91,29 @@ def init_gloo(comm: MPI.Comm) -> None:
 def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
     comm, repeats = world.comm, args.repeats
     model = build_model(name)
-    flat = FlatParameters(model)
-    aggregator = WeightedAllreduce(world, flat.numel, "cpu", n_metrics=3)
+    flat = FlatParameters(model, tail=len(TAIL))
+    # One client per rank and FedAvg: train.py reduces the parameters' storage in place.
+    assert reduces_in_place(1, "fedavg", fixed_denominator=False)
+    aggregator = WeightedAllreduce(world, flat.numel, "cpu", in_place=flat.storage)
     server = ServerOptimizer("fedavg", ServerHyper(), flat.buffer)
     round_start = flat.buffer.clone()
     diagnostics = UpdateDiagnostics(flat, world.size)
     cohort = np.arange(world.size)
+    weight, denominator = 100.0, 100.0 * world.size  # equal clients: the average stays put
     n = aggregator.payload.numel()
-    nbytes = n * 4
+    nbytes = aggregator.nbytes
 
-    def fedmpi_step() -> None:  # as in train.py, from aggregator.reset() to server.step()
-        aggregator.reset()
-        aggregator.add(flat.buffer, 100.0, [1.0, 100.0, 0.0])
-        aggregator.add_metrics([0.0, 0.0, 0.0])
-        weighted_sum, total_weight, _ = aggregator.allreduce()
-        server.step(flat.buffer, round_start, weighted_sum, total_weight)
+    def fedmpi_step() -> None:  # as in train.py, from begin_round() to server.step()
+        aggregator.begin_round(denominator)
+        aggregator.add(flat.buffer, weight, loss_sum=1.0, examples=weight)
+        totals = aggregator.allreduce()
+        server.step(flat.buffer, round_start, totals.average)
 
     def diagnostics_step() -> None:  # train.py's per-round diagnostics, one client per rank
         diagnostics.start_round()
-        diagnostics.record_client(world.rank, flat.buffer, round_start)
-        mean = diagnostics.mean_update_sample(aggregator.payload[: flat.numel], 1.0, round_start)
-        diagnostics.finish_round(world, cohort, mean, flat.buffer, round_start)
+        diagnostics.record_client(world.rank, weight, flat.buffer, round_start)
+        diagnostics.observe_average(flat.buffer, denominator, round_start)
+        diagnostics.finish_round(world, cohort, flat.buffer, round_start)
 
     bare = np.zeros(n, dtype=np.float32)
     target = np.empty_like(bare)
@@ -133,8 +137,14 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
             comm.Allreduce(MPI.IN_PLACE, t, op=MPI.SUM)
 
     rows = [
-        ("fedmpi step (reset/add/allreduce + fedavg step)", timed(comm, repeats, fedmpi_step)),
-        ("fedmpi diagnostics (record/mean/finish_round)", timed(comm, repeats, diagnostics_step)),
+        (
+            "fedmpi step (begin_round/add/allreduce + fedavg step)",
+            timed(comm, repeats, fedmpi_step),
+        ),
+        (
+            "fedmpi diagnostics (record/observe/finish_round)",
+            timed(comm, repeats, diagnostics_step),
+        ),
         ("bare comm.Allreduce, numpy, in place", timed(comm, repeats, bare_allreduce)),
     ]
     for mb in args.chunks_mb:

@@ -7,8 +7,9 @@ Runs, each in a fresh process:
 * fedmpi: ``mpiexec -n NP python bench/memory.py --worker fedmpi -- FLAGS``, which calls
   ``fedmpi.cli.main()`` for one round of the default job (offline MiniLM, Rotten
   Tomatoes, batch 16, max length 64, fused AdamW) and records each rank's VmRSS and
-  VmHWM (/proc/self/status) after set-up phases it hooks in ``fedmpi.train`` (model
-  load, flattening, payload allocation, local training, Allreduce, evaluation);
+  VmHWM (/proc/self/status) after the phases it hooks in ``fedmpi.prepare`` (model
+  load, flattening) and ``fedmpi.train`` (payload allocation, local training, Allreduce,
+  evaluation);
 * plain: ``python bench/memory.py --worker plain``: the same model, the same number of
   training rows as one fedmpi rank (so the same number of steps), the same batch size,
   padding, optimizer and thread count, then the same number of test rows evaluated, with
@@ -68,6 +69,7 @@ def fedmpi_worker(argv: list[str], rows_file: str) -> None:
     from mpi4py import MPI
 
     import fedmpi.fedavg
+    import fedmpi.prepare
     import fedmpi.train
     from fedmpi.cli import main
 
@@ -92,15 +94,15 @@ def fedmpi_worker(argv: list[str], rows_file: str) -> None:
 
     original_train, original_evaluate = train.train_client, train.evaluate
     train.train_client, train.evaluate = train_client, evaluate
-    hooks = {
-        "_load_model": "model loaded + Bcast",
-        "FlatParameters": "parameters flattened",
-        "WeightedAllreduce": "payload allocated",
-        "train_client": "local training",
-        "evaluate": "evaluation",
-    }
-    for name, phase in hooks.items():
-        setattr(train, name, rec.after(phase, getattr(train, name)))
+    hooks = [
+        (fedmpi.prepare, "_load_model", "model loaded + Bcast"),
+        (fedmpi.prepare, "FlatParameters", "parameters flattened"),
+        (train, "WeightedAllreduce", "payload allocated"),
+        (train, "train_client", "local training"),
+        (train, "evaluate", "evaluation"),
+    ]
+    for module, name, phase in hooks:
+        setattr(module, name, rec.after(phase, getattr(module, name)))
     cls = fedmpi.fedavg.WeightedAllreduce
     cls.allreduce = rec.after("Allreduce", cls.allreduce)
     code = main(argv)
@@ -126,7 +128,7 @@ def plain_worker(rows_file: str, threads: int) -> None:
     train = [torch.from_numpy(saved[f"train_{f}"]) for f in ROW_FIELDS]
     test = [torch.from_numpy(saved[f"test_{f}"]) for f in ROW_FIELDS]
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, ["fresh", "rotten"])
+    model, _ = load_model(cfg.model, ["fresh", "rotten"])
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rec.mark("model loaded")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -54,8 +54,9 @@ def plain_batches(rows: DeviceRows, batch_size: int, seed: int) -> list[dict[str
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     batches = []
     for index in order.split(batch_size):
+        index = index.to(rows.labels.device)
         width = int(rows.lengths[index].max())
-        mask = torch.arange(width)[None, :] < rows.lengths[index][:, None]
+        mask = torch.arange(width, device=index.device)[None, :] < rows.lengths[index][:, None]
         batches.append(
             {
                 "input_ids": rows.input_ids[index, :width].long(),
@@ -66,14 +67,72 @@ def plain_batches(rows: DeviceRows, batch_size: int, seed: int) -> list[dict[str
     return batches
 
 
-def plain_loop(model, optimizer, batches, seed: int) -> None:
+def plain_loop(model, optimizer, batches, seed: int, compute: str = "fp32") -> None:
+    """The minimal loop: forward (under bf16 autocast if asked), backward, step."""
+    if compute not in ("fp32", "bf16"):
+        raise ValueError(f"the plain loop runs fp32 or bf16, not {compute}")
+    device_type = batches[0]["labels"].device.type
     model.train()
     torch.manual_seed(seed)
     for batch in batches:
-        loss = model(**batch).loss
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=compute == "bf16"):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def split_rows(rows: data.TokenizedRows, sizes: list[int], device: str) -> list[DeviceRows]:
+    """Consecutive blocks of ``sizes`` rows, each on ``device``."""
+    bounds = np.cumsum([0, *sizes])
+    return [
+        DeviceRows.from_rows(
+            data.TokenizedRows(*(a[lo:hi] for a in dataclasses.astuple(rows))), device
+        )
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer read afterwards covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_loops(model: torch.nn.Module, blocks: list[DeviceRows], cfg: Config) -> dict[str, float]:
+    """Seconds of fedmpi's loop and of the plain loop over ``blocks[1:]`` (``blocks[0]``
+    warms both up), on copies of ``model`` with the same initial weights, computing in
+    ``cfg.precision``. Who goes first alternates from block to block, so neither loop
+    always inherits the other's warm caches or pays for its clean-up."""
+    plain_model = copy.deepcopy(model)
+    fed_model = copy.deepcopy(model)
+    flat = FlatParameters(fed_model)
+    fed_opt = make_optimizer(cfg, flat.params)
+    plain_params = [p for p in plain_model.parameters() if p.requires_grad]
+    plain_opt = torch.optim.AdamW(
+        plain_params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+    )
+    device = blocks[0].labels.device
+    seconds = {"fedmpi": 0.0, "plain": 0.0}
+    for i, rows in enumerate(blocks):
+        seed = 1000 + i
+        batches = plain_batches(rows, cfg.batch_size, seed)
+
+        def run_fedmpi(rows=rows, seed=seed) -> None:
+            train_client(fed_model, flat.params, rows, cfg, seed, fed_opt)
+
+        def run_plain(batches=batches, seed=seed) -> None:
+            plain_loop(plain_model, plain_opt, batches, seed, cfg.precision)
+
+        runs = [("fedmpi", run_fedmpi), ("plain", run_plain)]
+        for name, fn in runs if i % 2 else runs[::-1]:
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i > 0:
+                seconds[name] += time.perf_counter() - start
+    return seconds
 
 
 def main() -> None:
@@ -85,47 +144,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_transformers()
-    cfg = Config()
-    if hasattr(cfg, "group_by_length"):
-        cfg = dataclasses.replace(cfg, group_by_length=False)  # plain random batches
+    cfg = dataclasses.replace(Config(), group_by_length=False)  # plain random batches
     bs = cfg.batch_size
     sizes = [args.warmup * bs] + [args.steps * bs] * args.blocks
-    all_rows = load_rows(cfg, sum(sizes))
-    bounds = np.cumsum([0, *sizes])
-    blocks = [
-        DeviceRows.from_rows(
-            data.TokenizedRows(*(a[lo:hi] for a in dataclasses.astuple(all_rows))), "cpu"
-        )
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
+    blocks = split_rows(load_rows(cfg, sum(sizes)), sizes, "cpu")
 
     torch.manual_seed(cfg.seed)
-    fed_model = load_model(cfg.model, ["fresh", "rotten"])
-    plain_model = copy.deepcopy(fed_model)
-    flat = FlatParameters(fed_model)
-    fed_opt = make_optimizer(cfg, flat.params)
-    plain_params = [p for p in plain_model.parameters() if p.requires_grad]
-    plain_opt = torch.optim.AdamW(
-        plain_params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
-    )
-
-    seconds = {"fedmpi": 0.0, "plain": 0.0}
-    for i, rows in enumerate(blocks):
-        seed = 1000 + i
-        batches = plain_batches(rows, bs, seed)
-
-        def run_fedmpi(rows=rows, seed=seed) -> None:
-            train_client(fed_model, flat.params, rows, cfg, seed, fed_opt)
-
-        def run_plain(batches=batches, seed=seed) -> None:
-            plain_loop(plain_model, plain_opt, batches, seed)
-
-        runs = [("fedmpi", run_fedmpi), ("plain", run_plain)]
-        for name, fn in runs if i % 2 else runs[::-1]:
-            start = time.perf_counter()
-            fn()
-            if i > 0:
-                seconds[name] += time.perf_counter() - start
+    model, _ = load_model(cfg.model, ["fresh", "rotten"])
+    seconds = time_loops(model, blocks, cfg)
     examples = args.steps * bs * args.blocks
     print(
         f"MiniLM, batch {bs}, max length {cfg.max_seq_len}, {args.threads} thread(s), "
