@@ -97,7 +97,6 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
     aggregator = WeightedAllreduce(world, flat.numel, "cpu", in_place=flat.storage)
     server = ServerOptimizer("fedavg", ServerHyper(), flat.buffer)
     round_start = flat.buffer.clone()
-    diagnostics = UpdateDiagnostics(flat, world.size)
     cohort = np.arange(world.size)
     weight, denominator = 100.0, 100.0 * world.size  # equal clients: the average stays put
     n = aggregator.payload.numel()
@@ -109,11 +108,18 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
         totals = aggregator.allreduce()
         server.step(flat.buffer, round_start, totals.average)
 
-    def diagnostics_step() -> None:  # train.py's per-round diagnostics, one client per rank
-        diagnostics.start_round()
-        diagnostics.record_client(world.rank, weight, flat.buffer, round_start)
-        diagnostics.observe_average(flat.buffer, denominator, round_start)
-        diagnostics.finish_round(world, cohort, flat.buffer, round_start)
+    def diagnostics_step(level: str) -> Callable[[], None]:
+        """train.py's per-round diagnostics at ``--diagnostics LEVEL``, one client per rank
+        (``off`` still checks the update for NaN/inf and gathers who was skipped)."""
+        diagnostics = UpdateDiagnostics(flat, world.size, level)
+
+        def run() -> None:
+            diagnostics.start_round()
+            diagnostics.record_client(world.rank, weight, flat.buffer, round_start)
+            diagnostics.observe_average(flat.buffer, denominator, round_start)
+            diagnostics.finish_round(world, cohort, flat.buffer, round_start)
+
+        return run
 
     bare = np.zeros(n, dtype=np.float32)
     target = np.empty_like(bare)
@@ -141,9 +147,12 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
             "fedmpi step (begin_round/add/allreduce + fedavg step)",
             timed(comm, repeats, fedmpi_step),
         ),
-        (
-            "fedmpi diagnostics (record/observe/finish_round)",
-            timed(comm, repeats, diagnostics_step),
+        *(
+            (
+                f"fedmpi diagnostics, --diagnostics {level}",
+                timed(comm, repeats, diagnostics_step(level)),
+            )
+            for level in ("off", "norms", "full")
         ),
         ("bare comm.Allreduce, numpy, in place", timed(comm, repeats, bare_allreduce)),
     ]
