@@ -172,6 +172,19 @@ def run_job(np_: int, out: Path, flags: list[str]) -> dict:
     return job
 
 
+def available_mb() -> float:
+    """MemAvailable of this machine, in MB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def fits(job: dict | None, np_: int) -> bool:
+    """Whether ``np_`` ranks of a job whose 2-rank run peaked at ``job`` fit in memory."""
+    return job is None or job["peak_pss_rank_mb"] * np_ < 0.8 * available_mb()
+
+
 def cost(out: Path, nps: list[int]) -> list[dict]:
     """Bytes, Allreduce, step time and memory of each mode, per model and rank count."""
     llama = make_llama(out / "llama-185m-bf16")
@@ -179,10 +192,13 @@ def cost(out: Path, nps: list[int]) -> list[dict]:
         "minilm": ["--model", "minilm", "--batch-size", "16", "--train-samples", "64"],
         "llama-185m-bf16": ["--model", str(llama), "--batch-size", "4", "--train-samples", "16"],
     }
-    rows = []
+    rows, first = [], {}
     for model, model_flags in models.items():
         for np_ in nps:
             for mode, mode_flags in MODES.items():
+                if not fits(first.get((model, mode)), np_):
+                    print(f"{model} {mode} at np={np_}: skipped, would not fit in memory")
+                    continue
                 batch = int(model_flags[model_flags.index("--batch-size") + 1])
                 samples = int(model_flags[model_flags.index("--train-samples") + 1])
                 steps = -(-samples // np_ // batch)  # one client per rank, one epoch
@@ -199,6 +215,7 @@ def cost(out: Path, nps: list[int]) -> list[dict]:
                 )  # fmt: skip
                 # The last round's local training: the first pays one-off warm-up.
                 job.update(model=model, mode=mode, np=np_, step_s=job["train_s"][-1] / steps)
+                first.setdefault((model, mode), job)
                 rows.append(job)
                 print(_cost_row(job), flush=True)
     return rows
