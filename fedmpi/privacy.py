@@ -60,10 +60,13 @@ class ClientLevelDP:
         self.rounds = 0  # rounds accounted so far
 
     def clip(self, params: torch.Tensor, start: torch.Tensor, norm: float) -> float:
-        """Clip the client's update ``params - start`` (of norm ``norm``) to norm C, in
-        place: ``params`` becomes ``start + min(1, C / norm) (params - start)``. Returns the
-        clipped update's norm, measured. An update within the bound is left untouched, so
-        with C = inf the arithmetic is exactly FedAvg's."""
+        """Clip the client's update ``params - start`` (of norm ``norm``; NaN when it was
+        not measured, as under ``--diagnostics off``) to norm C, in place: ``params``
+        becomes ``start + min(1, C / norm) (params - start)``. Returns the clipped update's
+        norm, measured. An update within the bound is left untouched, so with C = inf the
+        arithmetic is exactly FedAvg's."""
+        if math.isnan(norm):
+            norm = math.sqrt(squared_distance(params, start))
         if norm <= self.bound:
             return norm
         params.sub_(start).mul_(self.bound / norm).add_(start)
