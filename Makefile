@@ -34,7 +34,7 @@ lint: install
 	$(VENV)/bin/ruff check fedmpi tests bench
 	$(VENV)/bin/ruff format --check fedmpi tests bench
 
-## The CPU study committed under study/ (39 runs, ~2.5 h on 2 cores; resumable: rerun to continue),
+## The CPU study committed under study/ (39 runs, 1-2 h on 2 cores; resumable: rerun to continue),
 ## then its report: python -m fedmpi.report study/runs --output study/report.
 study-install: $(STUDY_STAMP)
 

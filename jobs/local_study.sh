@@ -3,7 +3,7 @@
 # same training data is split over more clients? models x tasks x clients x seeds on the
 # offline built-ins, then the report. Run from anywhere (or `make study`):
 #
-#   jobs/local_study.sh                          # (2 x 5 + 1 x 3) x 3 = 39 runs, ~2.5 h on 2 cores
+#   jobs/local_study.sh                          # (2 x 5 + 1 x 3) x 3 = 39 runs, 1-2 h on 2 cores
 #   FEDMPI_STUDY_DRY_RUN=1 jobs/local_study.sh   # print the commands only
 #   MODELS=minilm SEEDS=1 CLIENTS="1 16" jobs/local_study.sh      # a slice of it
 #
