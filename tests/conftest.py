@@ -40,9 +40,9 @@ class Completed:
     output: str
 
 
-def run_mpi(np_: int, args: list[str], timeout: float = 240, env: dict | None = None) -> Completed:
-    """``mpiexec -n np_ python ARGS`` with offline hubs; a hang past ``timeout`` fails."""
-    full_env = {
+def job_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of every test job: offline hubs, unbuffered output, root allowed."""
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -50,8 +50,26 @@ def run_mpi(np_: int, args: list[str], timeout: float = 240, env: dict | None = 
         "OMPI_ALLOW_RUN_AS_ROOT": "1",
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "PYTHONUNBUFFERED": "1",
-        **(env or {}),
+        **(extra or {}),
     }
+
+
+def start_job(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A background job in its own session (so a test can kill all of it), output piped."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=job_env(env),
+        start_new_session=True,
+    )
+
+
+def run_mpi(np_: int, args: list[str], timeout: float = 240, env: dict | None = None) -> Completed:
+    """``mpiexec -n np_ python ARGS`` with offline hubs; a hang past ``timeout`` fails."""
+    full_env = job_env(env)
     command = [*mpiexec_command(), "-n", str(np_), sys.executable, *args]
     try:
         proc = subprocess.run(

@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPTS, finish, mpiexec_command, wait_for_line
+from conftest import REPO, SCRIPTS, finish, mpiexec_command, start_job, wait_for_line
 from test_train_mpi import fedmpi_args
 
 from fedmpi.preemption import EXIT_PREEMPTED
@@ -72,16 +72,7 @@ def cluster(tmp_path_factory):
 
 def launch(cluster: SimCluster, args: list[str]) -> subprocess.Popen:
     """``mpiexec`` over the cluster, in its own session so that a test can kill it all."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [*cluster.mpiexec(mpiexec_command()[0]), sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env=env,
-        start_new_session=True,
-    )
+    return start_job([*cluster.mpiexec(mpiexec_command()[0]), sys.executable, *args])
 
 
 def signal_ranks(cluster: SimCluster, node: int, marker: str, signum: int) -> list[int]:

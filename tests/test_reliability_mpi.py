@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, finish, mpiexec_command, run_mpi, wait_for_line
+from conftest import finish, mpiexec_command, run_mpi, start_job, wait_for_line
 from test_train_mpi import fedmpi_args
 
 from fedmpi.preemption import EXIT_PREEMPTED
@@ -45,23 +45,7 @@ def test_a_failing_rank_ends_the_whole_job(fault, tiny_bert, toy_dataset, tmp_pa
 
 def launch(np_: int, args: list[str], **env) -> subprocess.Popen:
     """A background MPI job in its own session, so the test can kill all of it."""
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        **env,
-    }
-    return subprocess.Popen(
-        [*mpiexec_command(), "-n", str(np_), sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env=environment,
-        start_new_session=True,
-    )
+    return start_job([*mpiexec_command(), "-n", str(np_), sys.executable, *args], env)
 
 
 def rank_pids(marker: str) -> list[int]:
