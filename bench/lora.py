@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from runjob import run_with_pss
 
 from fedmpi.results import read_results
 
@@ -82,60 +81,6 @@ def make_llama(directory: Path) -> Path:
     return directory
 
 
-class PssSampler:
-    """Peak of the summed PSS of a process tree's ``python`` processes (the ranks)."""
-
-    def __init__(self, root_pid: int, interval: float = 0.2) -> None:
-        self.root_pid = root_pid
-        self.interval = interval
-        self.peak_total_mb = 0.0
-        self.peak_rank_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _ranks(self) -> list[int]:
-        children, frontier = [], [self.root_pid]
-        while frontier:
-            pid = frontier.pop()
-            try:
-                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            except OSError:
-                continue
-            frontier += [int(k) for k in kids]
-            children += [int(k) for k in kids]
-        return [p for p in children if _is_python(p)]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            sizes = [_pss_mb(p) for p in self._ranks()]
-            if sizes:
-                self.peak_total_mb = max(self.peak_total_mb, sum(sizes))
-                self.peak_rank_mb = max(self.peak_rank_mb, max(sizes))
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _is_python(pid: int) -> bool:
-    try:
-        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-    except OSError:
-        return False
-
-
-def _pss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def run_job(np_: int, out: Path, flags: list[str]) -> dict:
     """One fedmpi job; what it printed and recorded, and its peak memory. A job that
     finished before with the same flags is read back, not rerun (the bench resumes)."""
@@ -144,17 +89,7 @@ def run_job(np_: int, out: Path, flags: list[str]) -> dict:
         return json.loads(done.read_text())["job"]
     command = [MPIEXEC, "-n", str(np_), sys.executable, "-m", "fedmpi", "--output", str(out)]
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [*command, "--overwrite", *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    sampler = PssSampler(proc.pid)
-    log, _ = proc.communicate()
-    sampler.stop()
-    if proc.returncode:
-        raise SystemExit(f"fedmpi failed ({proc.returncode}): {command + flags}\n{log[-2000:]}")
+    log, sampler = run_with_pss([*command, "--overwrite", *flags])
     trainable, total = (int(x.replace(",", "")) for x in STARTUP.search(log).groups())
     results = read_results(out / "results.h5")
     job = {

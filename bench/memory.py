@@ -1,8 +1,9 @@
 """Peak memory of one fedmpi rank against a plain single-process fine-tuning.
 
-    python bench/memory.py [--np 2] [--train-samples 320] [--test-samples 200]
+    python bench/memory.py [--part phases|job|all] [--np 2] [--train-samples 320]
+                           [--test-samples 200] [--job-clients 4]
 
-Runs, each in a fresh process:
+``--part phases`` runs, each in a fresh process:
 
 * fedmpi: ``mpiexec -n NP python bench/memory.py --worker fedmpi -- FLAGS``, which calls
   ``fedmpi.cli.main()`` for one round of the default job (offline MiniLM, Rotten
@@ -17,6 +18,12 @@ Runs, each in a fresh process:
 
 Prints the phases of rank 0 and the plain run, each rank's peak, the ratio, and an
 estimate of fedmpi's extra memory from the parameter count P (fp32 bytes).
+
+``--part job`` runs the whole default job (``python -m fedmpi --clients 4``, 3 rounds of
+2,000 training and 1,000 test examples) at ``--np`` ranks and samples every rank's PSS
+(``/proc/PID/smaps_rollup``, every 0.2 s): the peak of their sum, that sum per rank, and
+the largest single rank's peak. PSS counts pages the ranks share (torch's libraries, the
+page cache of the model file) once in the sum, which is what a node's memory pays.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from runjob import run_with_pss
 
 FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 MARK = "MEMORY "
@@ -164,7 +173,9 @@ def collect(command: list[str]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("phases", "job", "all"), default="all")
     parser.add_argument("--np", type=int, default=2)
+    parser.add_argument("--job-clients", type=int, default=4)
     parser.add_argument("--train-samples", type=int, default=320)
     parser.add_argument("--test-samples", type=int, default=200)
     parser.add_argument("--mpiexec", default=str(Path(sys.executable).with_name("mpiexec")))
@@ -177,6 +188,31 @@ def main() -> None:
     if args.worker == "plain":
         return plain_worker(args.rows, threads=1)  # fedmpi's share of 2 cores at np=2
 
+    if args.part in ("job", "all"):
+        whole_job(args)
+    if args.part in ("phases", "all"):
+        phases(args)
+
+
+def whole_job(args: argparse.Namespace) -> None:
+    """The default job at ``--np`` ranks with ``--job-clients`` clients: its peak PSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [args.mpiexec, "-n", str(args.np), sys.executable, "-m", "fedmpi"]
+        command += ["--clients", str(args.job_clients), "--output", str(Path(tmp) / "run")]
+        start = time.perf_counter()
+        _, sampler = run_with_pss(command)
+        wall = time.perf_counter() - start
+    print(
+        f"default job (`python -m fedmpi --clients {args.job_clients}`), np={args.np}, "
+        f"{wall:.0f} s\n\n| peak of the ranks' summed PSS MiB | per rank MiB | "
+        f"largest rank's own peak MiB |\n|---:|---:|---:|\n"
+        f"| {sampler.peak_total_mb:.0f} | {sampler.peak_total_mb / args.np:.0f} | "
+        f"{sampler.peak_rank_mb:.0f} |\n"
+    )
+
+
+def phases(args: argparse.Namespace) -> None:
+    """One round, per phase, rank 0 against the plain run on rank 0's rows."""
     me = [sys.executable, __file__]
     with tempfile.TemporaryDirectory() as tmp:
         rows = str(Path(tmp) / "rows.npz")
