@@ -13,7 +13,6 @@ from typing import Any, NoReturn
 
 import yaml
 
-from fedmpi.allocator import fix_mmap_threshold
 from fedmpi.comm import World, abort_on_error, collectively
 from fedmpi.config import Config, config_fields, field_type, parse_value
 from fedmpi.errors import UsageError
@@ -138,7 +137,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    fix_mmap_threshold()  # before any tensor: freed activations go back to the system
     world = World.from_comm()
     with abort_on_error(world):
         cfg = collectively(world, lambda: parse_config(argv, world.size, world.is_root))
