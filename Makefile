@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedmpi-installed
 
 STUDY_STAMP := $(VENV)/.fedmpi-study-installed
 
-.PHONY: install study-install run test lint bench study report clean
+.PHONY: install study-install run test lint bench study privacy report clean
 
 install: $(STAMP)
 
@@ -45,9 +45,16 @@ $(STUDY_STAMP): requirements-study.txt | $(STAMP)
 study: install study-install
 	FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
 
-## Regenerate the committed study's report from its results files.
+## The privacy-utility runs committed under study/privacy/ (8 runs, about 2 h on 2 cores;
+## resumable), then their report.
+privacy: install
+	SEED=1 FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/privacy_utility.sh
+	SEED=2 FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/privacy_utility.sh
+
+## Regenerate the committed studies' reports from their results files.
 report: install
 	$(PY) -m fedmpi.report study/runs --output study/report
+	$(PY) -m fedmpi.report study/privacy/runs --output study/privacy/report
 
 bench: install
 	$(PY) bench/round_overhead.py --mpiexec $(MPIEXEC)
