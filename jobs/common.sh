@@ -1,7 +1,7 @@
 # shellcheck shell=bash
-# Shared by jobs/*.sbatch (sourced, never run): the software environment, the token cache,
-# a launcher that passes the time-limit warning on to the ranks, and the requeue of a
-# preempted run.
+# Shared by jobs/*.sbatch and the local studies (sourced, never run): the software
+# environment, the token cache, a launcher that passes the time-limit warning on to the
+# ranks, the requeue of a preempted run, and a study's resumable run.
 #
 # Environment variables (all optional):
 #   FEDMPI_MODULES     modules to load first, e.g. "openmpi cuda"
@@ -134,4 +134,33 @@ fedmpi_requeue_if_preempted() {
         return "$status"
     fi
     return 0
+}
+
+# One run of a study that may span sessions: LABEL OUT COMMAND... Skipped when
+# OUT/fedmpi.done exists; resumed when OUT holds a checkpoint (fedmpi does that itself);
+# started over (--overwrite) when OUT holds results but no checkpoint. A finished run's
+# checkpoint (model-sized) is deleted and fedmpi.done written; its log is OUT/fedmpi.log.
+fedmpi_run_resumable() {
+    local label=$1 out=$2
+    shift 2
+    local cmd=("$@")
+    if [[ -e "$out/fedmpi.done" ]]; then
+        echo "$label$out: done before, skipped"
+        return 0
+    fi
+    if [[ -e "$out/results.h5" && ! -e "$out/checkpoint.h5" ]]; then
+        cmd+=(--overwrite) # partial, with no checkpoint to resume from: start over
+    fi
+    mkdir -p "$out"
+    local start=$SECONDS summary
+    if "${cmd[@]}" >>"$out/fedmpi.log" 2>&1; then
+        rm -f "$out/checkpoint.h5"
+        touch "$out/fedmpi.done"
+        summary=$(grep -o 'final test accuracy [0-9.]*' "$out/fedmpi.log" | tail -n 1 || true)
+        echo "$label$out: $((SECONDS - start)) s, ${summary:-finished}"
+    else
+        echo "$label$out: FAILED after $((SECONDS - start)) s; see $out/fedmpi.log" >&2
+        tail -n 3 "$out/fedmpi.log" >&2
+        return 1
+    fi
 }

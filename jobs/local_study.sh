@@ -31,6 +31,8 @@
 # script exits 1 at the end if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=common.sh
+source jobs/common.sh
 
 read -r -a models <<<"${MODELS:-minilm mpnet}"
 read -r -a tasks <<<"${TASKS:-rotten_tomatoes tweets}"
@@ -55,7 +57,7 @@ learning_rate() {
     esac
 }
 
-# One run: skip it if done, resume it if interrupted, delete its checkpoint when finished.
+# One run: print it (dry run), or run it resumably (jobs/common.sh).
 run_one() {
     local model=$1 task=$2 clients=$3 seed=$4 n=$5 total=$6
     local out="$out_root/$model-$task-${clients}c-s$seed"
@@ -74,26 +76,7 @@ run_one() {
         echo
         return 0
     fi
-    if [[ -e "$out/fedmpi.done" ]]; then
-        echo "[$n/$total] $out: done before, skipped"
-        return 0
-    fi
-    if [[ -e "$out/results.h5" && ! -e "$out/checkpoint.h5" ]]; then
-        cmd+=(--overwrite) # partial, with no checkpoint to resume from: start over
-    fi
-    mkdir -p "$out"
-    local start=$SECONDS
-    if "${cmd[@]}" >>"$out/fedmpi.log" 2>&1; then
-        rm -f "$out/checkpoint.h5"
-        touch "$out/fedmpi.done"
-        local summary
-        summary=$(grep -o 'final test accuracy [0-9.]*' "$out/fedmpi.log" | tail -n 1 || true)
-        echo "[$n/$total] $out: $((SECONDS - start)) s, ${summary:-finished}"
-    else
-        echo "[$n/$total] $out: FAILED after $((SECONDS - start)) s; see $out/fedmpi.log" >&2
-        tail -n 3 "$out/fedmpi.log" >&2
-        return 1
-    fi
+    fedmpi_run_resumable "[$n/$total] " "$out" "${cmd[@]}"
 }
 
 # The design's cells, seed by seed (so that an interrupted study already holds whole seeds).

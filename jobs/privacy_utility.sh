@@ -5,14 +5,14 @@
 # privacy_minilm_rotten_tomatoes.png is accuracy against epsilon with the per-client spread.
 # Run from anywhere:
 #
-#   jobs/privacy_utility.sh                          # 4 runs of one seed, about 40 min on 2 cores
+#   jobs/privacy_utility.sh                          # 8 runs, about 1 h on 2 cores
 #   FEDMPI_STUDY_DRY_RUN=1 jobs/privacy_utility.sh   # print the commands only
 #
 # The design (environment variables override it, defaults in brackets):
 #   NOISES [0 0.1 0.3 1.0]: --dp-noise z; 0 is the no-noise baseline (--dp-clip inf)
 #   CLIP [2.8]: --dp-clip C for z > 0, the median client update norm of a no-noise pilot
 #     (diagnostics/client_update_norm, rounds 1-12: 2.3-3.1)
-#   SEED [1] (make privacy runs 1 and 2)   ROUNDS [12]   RANKS [2]   OUT_ROOT [study/privacy/runs]
+#   SEEDS [1 2]   ROUNDS [12]   RANKS [2]   OUT_ROOT [study/privacy/runs]
 #   REPORT [study/privacy/report]
 #
 # Training (chosen by pilots: LoRA at lr 5e-4 or 1e-2 with frozen A, or FedAdam on the
@@ -26,10 +26,12 @@
 # (fedmpi.done) are skipped, an interrupted one resumes from its last round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=common.sh
+source jobs/common.sh
 
 read -r -a noises <<<"${NOISES:-0 0.1 0.3 1.0}"
 clip=${CLIP:-2.8}
-seed=${SEED:-1}
+read -r -a seeds <<<"${SEEDS:-1 2}"
 out_root=${OUT_ROOT:-study/privacy/runs}
 report=${REPORT:-study/privacy/report}
 python=${FEDMPI_PYTHON:-.venv/bin/python}
@@ -40,46 +42,32 @@ dry_run=${FEDMPI_STUDY_DRY_RUN:-0}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 failed=0
-for noise in "${noises[@]}"; do
-    if [[ "$noise" == 0 ]]; then
-        dp=(--dp-clip inf --dp-noise 0)
-        out="$out_root/minilm-rotten_tomatoes-dp-none-s$seed"
-    else
-        dp=(--dp-clip "$clip" --dp-noise "$noise")
-        out="$out_root/minilm-rotten_tomatoes-dp-z$noise-s$seed"
-    fi
-    cmd=(
-        "$mpiexec" -n "$ranks" "$python" -m fedmpi
-        --model minilm --dataset rotten_tomatoes --data-seed 0 --seed "$seed"
-        --clients 400 --partition by:movie_name --clients-per-round 40 --weighting uniform
-        "${dp[@]}" --server-opt avgm --server-momentum 0.9
-        --train-samples all --test-samples 500 --max-seq-len 64 --group-by-length
-        --peft lora --lr 3e-3 --batch-size 8 --local-epochs 2
-        --rounds "${ROUNDS:-12}" --eval-every 4 --eval-clients --diagnostics off
-        --threads 1 --checkpoint-every 1 --output "$out"
-    )
-    if [[ "$dry_run" == 1 ]]; then
-        printf '%q ' "${cmd[@]}"
-        echo
-        continue
-    fi
-    if [[ -e "$out/fedmpi.done" ]]; then
-        echo "$out: done before, skipped"
-        continue
-    fi
-    if [[ -e "$out/results.h5" && ! -e "$out/checkpoint.h5" ]]; then
-        cmd+=(--overwrite) # partial, with no checkpoint to resume from: start over
-    fi
-    mkdir -p "$out"
-    start=$SECONDS
-    if "${cmd[@]}" >>"$out/fedmpi.log" 2>&1; then
-        rm -f "$out/checkpoint.h5"
-        touch "$out/fedmpi.done"
-        echo "$out: $((SECONDS - start)) s, $(grep -o 'final test accuracy [0-9.]*' "$out/fedmpi.log" | tail -n 1 || true)"
-    else
-        echo "$out: FAILED after $((SECONDS - start)) s; see $out/fedmpi.log" >&2
-        failed=1
-    fi
+for seed in "${seeds[@]}"; do
+    for noise in "${noises[@]}"; do
+        if [[ "$noise" == 0 ]]; then
+            dp=(--dp-clip inf --dp-noise 0)
+            out="$out_root/minilm-rotten_tomatoes-dp-none-s$seed"
+        else
+            dp=(--dp-clip "$clip" --dp-noise "$noise")
+            out="$out_root/minilm-rotten_tomatoes-dp-z$noise-s$seed"
+        fi
+        cmd=(
+            "$mpiexec" -n "$ranks" "$python" -m fedmpi
+            --model minilm --dataset rotten_tomatoes --data-seed 0 --seed "$seed"
+            --clients 400 --partition by:movie_name --clients-per-round 40 --weighting uniform
+            "${dp[@]}" --server-opt avgm --server-momentum 0.9
+            --train-samples all --test-samples 500 --max-seq-len 64 --group-by-length
+            --peft lora --lr 3e-3 --batch-size 8 --local-epochs 2
+            --rounds "${ROUNDS:-12}" --eval-every 4 --eval-clients --diagnostics off
+            --threads 1 --checkpoint-every 1 --output "$out"
+        )
+        if [[ "$dry_run" == 1 ]]; then
+            printf '%q ' "${cmd[@]}"
+            echo
+        else
+            fedmpi_run_resumable "" "$out" "${cmd[@]}" || failed=1
+        fi
+    done
 done
 if [[ "$dry_run" != 1 ]]; then
     "$python" -m fedmpi.report "$out_root" --output "$report"
