@@ -10,12 +10,15 @@ For each model (``bert-base``: a random ``BertForSequenceClassification(BertConf
 a payload of the model's size:
 
 * fedmpi's step exactly as ``train.py`` runs it with one client per rank (the payload is
-  the parameters' own storage, reduced in place): ``WeightedAllreduce.begin_round/add/
-  allreduce`` then ``ServerOptimizer("fedavg").step``;
+  the parameters' own storage, scaled and reduced in place slice by slice):
+  ``WeightedAllreduce.begin_round/add/allreduce`` then ``ServerOptimizer("fedavg").step``;
 * the per-round diagnostics ``train.py`` adds around it (``record_client``,
   ``observe_average``, ``finish_round``);
 * a bare ``comm.Allreduce(MPI.IN_PLACE, ...)`` on a preallocated numpy float32 buffer,
-  and the same in fixed slices (``--chunks-mb``);
+  and the same in fixed slices (``--chunks-mb``); then in fedmpi's slices after a whole
+  scale pass (what the step would cost without scaling each slice just before it is
+  sent), and on a buffer from torch's allocator (4 KiB pages; numpy's large arrays get
+  huge pages, as ``flat_zeros`` relies on);
 * one Allreduce per parameter tensor;
 * ``torch.distributed`` (gloo, TCP on 127.0.0.1) ``all_reduce`` on the flat buffer;
 * a memcpy of the buffer on every rank at once (the memory-bandwidth floor).
@@ -41,8 +44,8 @@ from mpi4py import MPI
 
 from fedmpi.comm import World
 from fedmpi.diagnostics import UpdateDiagnostics
-from fedmpi.fedavg import TAIL, WeightedAllreduce, reduces_in_place
-from fedmpi.flat import FlatParameters
+from fedmpi.fedavg import CHUNK_BYTES, TAIL, WeightedAllreduce, reduces_in_place
+from fedmpi.flat import FlatParameters, flat_zeros
 from fedmpi.models import load_model, quiet_transformers
 from fedmpi.server import ServerHyper, ServerOptimizer
 
@@ -96,7 +99,7 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
     assert reduces_in_place(1, "fedavg", fixed_denominator=False)
     aggregator = WeightedAllreduce(world, flat.numel, "cpu", in_place=flat.storage)
     server = ServerOptimizer("fedavg", ServerHyper(), flat.buffer)
-    round_start = flat.buffer.clone()
+    round_start = flat_zeros(flat.numel, "cpu").copy_(flat.buffer)  # as train.py allocates it
     cohort = np.arange(world.size)
     weight, denominator = 100.0, 100.0 * world.size  # equal clients: the average stays put
     n = aggregator.payload.numel()
@@ -129,12 +132,14 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
     def bare_allreduce() -> None:
         comm.Allreduce(MPI.IN_PLACE, bare, op=MPI.SUM)
 
-    def chunked(chunk_bytes: int) -> Callable[[], None]:
+    small_pages = torch.zeros(n).numpy()  # torch's allocator: no huge pages
+
+    def chunked(chunk_bytes: int, buffer: np.ndarray = bare) -> Callable[[], None]:
         step = chunk_bytes // 4
 
         def run() -> None:
             for start in range(0, n, step):
-                comm.Allreduce(MPI.IN_PLACE, bare[start : start + step], op=MPI.SUM)
+                comm.Allreduce(MPI.IN_PLACE, buffer[start : start + step], op=MPI.SUM)
 
         return run
 
@@ -158,6 +163,24 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
     ]
     for mb in args.chunks_mb:
         rows.append((f"bare Allreduce in {mb} MB slices", timed(comm, repeats, chunked(mb << 20))))
+    sliced = chunked(CHUNK_BYTES)
+
+    def scale_then_sliced() -> None:  # the step unfused: a whole scale pass, then the slices
+        flat_tensor.mul_(0.5)
+        sliced()
+
+    rows.append(
+        (
+            f"scale pass, then bare Allreduce in {CHUNK_BYTES >> 20} MB slices (unfused)",
+            timed(comm, repeats, scale_then_sliced),
+        )
+    )
+    rows.append(
+        (
+            f"bare Allreduce in {CHUNK_BYTES >> 20} MB slices, torch-allocated (4 KiB pages)",
+            timed(comm, repeats, chunked(CHUNK_BYTES, small_pages)),
+        )
+    )
     rows.append(
         (f"per-tensor Allreduce ({len(tensors)} tensors)", timed(comm, repeats, per_tensor))
     )

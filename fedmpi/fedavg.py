@@ -10,8 +10,9 @@ rescaled once by ``W / arrived``.
 
 Aliasing, in one place: with at most one client on a rank and plain FedAvg on the server,
 the payload *is* the parameters' own storage (``FlatParameters.storage``, with room for the
-tail), which saves a copy of the model; the client's parameters are then scaled in place
-and the Allreduce leaves the new global model in them. ``reduces_in_place`` decides it.
+tail), which saves a copy of the model; the client's parameters are then scaled in place,
+one slice at a time just before that slice's Allreduce (while it is in cache), and the
+Allreduce leaves the new global model in them. ``reduces_in_place`` decides it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 from mpi4py import MPI
 
 from fedmpi.comm import World
+from fedmpi.flat import flat_zeros
 
 CUDA_AWARE_ENV = "FEDMPI_CUDA_AWARE_MPI"
-CHUNK_BYTES = int(os.environ.get("FEDMPI_ALLREDUCE_CHUNK_MB", "16")) * 2**20
+CHUNK_BYTES = int(os.environ.get("FEDMPI_ALLREDUCE_CHUNK_MB", "4")) * 2**20
 TAIL = ("weight", "loss_sum", "examples", "stop_votes")  # fp32 sums after the parameters
 
 
@@ -75,11 +77,7 @@ class WeightedAllreduce:
         if in_place is not None and in_place.numel() != size:
             raise ValueError(f"in-place storage holds {in_place.numel()} floats, not {size}")
         self.in_place = in_place is not None
-        self.payload = (
-            in_place
-            if in_place is not None
-            else torch.zeros(size, dtype=torch.float32, device=device)
-        )
+        self.payload = in_place if in_place is not None else flat_zeros(size, device)
         on_gpu = self.payload.device.type == "cuda"
         if staged is None:
             staged = on_gpu and os.environ.get(CUDA_AWARE_ENV, "0") != "1"
@@ -94,6 +92,7 @@ class WeightedAllreduce:
         self.denominator = 1.0
         self.rescale = True
         self.clients = 0
+        self.pending_scale = 1.0  # in place: w_k / W, applied slice by slice in allreduce()
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +110,7 @@ class WeightedAllreduce:
         self.denominator = float(denominator)
         self.rescale = rescale
         self.clients = 0
+        self.pending_scale = 1.0
 
     def add(self, params: torch.Tensor, weight: float, loss_sum: float, examples: float) -> None:
         """Add one client's parameters (or update) with its weight, and its training sums."""
@@ -121,7 +121,9 @@ class WeightedAllreduce:
             if params.data_ptr() != head.data_ptr():
                 raise RuntimeError("an in-place payload must be given the parameters it aliases")
         scale = weight / self.denominator
-        if self.clients == 0:
+        if self.in_place:
+            self.pending_scale = scale
+        elif self.clients == 0:
             torch.mul(params, scale, out=head)  # one pass instead of zero + add
         else:
             head.add_(params, alpha=scale)
@@ -136,20 +138,24 @@ class WeightedAllreduce:
 
     def allreduce(self) -> RoundTotals:
         """Sum over all ranks; the head is then the weighted average."""
+        head = self.payload[: self.numel]
+        scale, self.pending_scale = self.pending_scale, 1.0
         if self.clients == 0:
             self.payload.zero_()  # a rank without a client this round still joins, with zeros
         self.payload[self.numel :].copy_(torch.from_numpy(self.tail.astype(np.float32)))
+        on_gpu = self.payload.device.type == "cuda"
+        if on_gpu and scale != 1.0:
+            head.mul_(scale)  # one kernel, before the device is synchronised or staged
+            scale = 1.0
         if self.host is not None:
             self.host.copy_(self.payload)
-            self._reduce(self.host.numpy())
+            self._reduce(self.host)
             self.payload.copy_(self.host, non_blocking=False)
-        elif self.payload.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-            self._reduce(self.payload)
         else:
-            self._reduce(self.payload.numpy())
+            if on_gpu:
+                torch.cuda.current_stream().synchronize()
+            self._reduce(self.payload, scale)
         sums = dict(zip(TAIL, self.payload[self.numel :].cpu().numpy().tolist(), strict=True))
-        head = self.payload[: self.numel]
         weight = float(sums["weight"])
         if self.rescale and weight > 0 and abs(weight - self.denominator) > 1e-6 * weight:
             head.mul_(self.denominator / weight)  # a client dropped out: average what came
@@ -161,13 +167,19 @@ class WeightedAllreduce:
             stop_votes=float(sums["stop_votes"]),
         )
 
-    def _reduce(self, buffer: np.ndarray | torch.Tensor) -> None:
-        """In-place SUM in fixed slices of CHUNK_BYTES.
+    def _reduce(self, buffer: torch.Tensor, scale: float = 1.0) -> None:
+        """In-place SUM in fixed slices of CHUNK_BYTES; with ``scale`` (the in-place
+        payload's deferred ``w_k / W``) each slice's parameters are scaled just before the
+        slice is sent, so it comes from DRAM once, not once for the scale and again for MPI.
 
-        Measured here (docs/benchmarks.md): 16 MB slices reduce 2.6-2.9x faster than one
-        call over the whole buffer with MPICH, whose per-call temporary of the message's
-        size is freshly mapped and page-faulted every time; slices reuse a small one.
+        Measured here (docs/benchmarks.md): sliced reduces run 3-4x faster than one call
+        over the whole buffer with MPICH, whose per-call temporary of the message's size is
+        freshly mapped and page-faulted every time; slices reuse a small one.
         """
-        step = CHUNK_BYTES // 4
-        for start in range(0, len(buffer), step):
-            self.world.comm.Allreduce(MPI.IN_PLACE, buffer[start : start + step], op=MPI.SUM)
+        step = CHUNK_BYTES // buffer.element_size()
+        for start in range(0, buffer.numel(), step):
+            piece = buffer[start : start + step]
+            if scale != 1.0:
+                piece[: max(0, self.numel - start)].mul_(scale)
+            data = piece.numpy() if piece.device.type == "cpu" else piece
+            self.world.comm.Allreduce(MPI.IN_PLACE, data, op=MPI.SUM)

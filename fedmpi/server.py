@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedmpi.config import SERVER_OPTIMIZERS, Config
+from fedmpi.flat import flat_zeros
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,11 @@ class ServerOptimizer:
         if name not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown server optimizer {name!r}")
         self.name, self.hyper = name, hyper
-        self.m = torch.zeros_like(like) if name != "fedavg" else None
+        self.m = flat_zeros(like.numel(), like.device) if name != "fedavg" else None
         self.v = (
-            torch.full_like(like, hyper.tau**2) if name in ("adam", "yogi", "adagrad") else None
+            flat_zeros(like.numel(), like.device).fill_(hyper.tau**2)
+            if name in ("adam", "yogi", "adagrad")
+            else None
         )
 
     def step(self, params: torch.Tensor, start: torch.Tensor, average: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ from fedmpi.config import Config
 from fedmpi.diagnostics import UpdateDiagnostics
 from fedmpi.evaluate import EvalResult, evaluate, evaluate_clients, metrics_from_counts
 from fedmpi.fedavg import RoundTotals, WeightedAllreduce, reduces_in_place
+from fedmpi.flat import flat_zeros
 from fedmpi.partition import round_cohort
 from fedmpi.preemption import EXIT_PREEMPTED, EXIT_STALLED, StopRequest
 from fedmpi.prepare import FederationPlan, Job, prepare
@@ -51,7 +52,7 @@ def run(cfg: Config, world: World) -> None:
         world, flat.numel, device, in_place=flat.storage if in_place else None
     )
     server = ServerOptimizer(cfg.server_opt, ServerHyper.from_config(cfg), flat.buffer)
-    round_start = torch.empty_like(flat.buffer)  # the global model each round starts from
+    round_start = flat_zeros(flat.numel, device)  # the global model each round starts from
     anchor = flat.views(round_start) if cfg.prox_mu > 0 else None  # FedProx
     optimizers = LocalOptimizers(cfg, flat.params)
     diagnostics = UpdateDiagnostics(flat, plan.n_clients, cfg.diagnostics)

@@ -49,7 +49,7 @@ class Shapes:
     seq_len: int
     batch: int
     rows: int  # local training rows of the in-process tests
-    allreduce_floats: int  # more than one 16 MB Allreduce slice (4M floats)
+    allreduce_floats: int  # more than one Allreduce slice (1M floats at the default 4 MB)
     mpi_train: int  # training and test rows of the four-rank job
     mpi_test: int
 
@@ -252,7 +252,7 @@ def test_staged_allreduce_equals_the_cpu_one():
 def staging_main() -> None:
     """Under mpiexec: the round's Allreduce of a payload on the device (staged through
     pinned host memory, or handed to a CUDA-aware MPI) gives the CPU path's bytes exactly,
-    with and without the in-place payload, over several 16 MB slices and two rounds, and
+    with and without the in-place payload, over several Allreduce slices and two rounds, and
     the weighted average that float64 numpy computes from every rank's seeded data."""
     from fedmpi.comm import World, abort_on_error
     from fedmpi.fedavg import TAIL, WeightedAllreduce

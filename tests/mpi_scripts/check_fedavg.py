@@ -2,7 +2,10 @@
 
 Five clients with uneven shard sizes are spread over however many ranks run this; each
 client's parameters are a seeded perturbation of one tiny BERT. Every rank checks the
-global model against float64 numpy arithmetic done independently of fedmpi.
+global model against float64 numpy arithmetic done independently of fedmpi. Then one
+client per rank, reduced in the parameters' own storage (what train.py does with one client
+a rank), with slice sizes that put the tail in a slice of its own, across two slices, or
+among many: the same bits as a separate payload, and the same reference.
 """
 
 import sys
@@ -14,8 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
 from conftest import random_bert  # noqa: E402
 
+from fedmpi import fedavg  # noqa: E402
 from fedmpi.comm import World, abort_on_error  # noqa: E402
-from fedmpi.fedavg import WeightedAllreduce
+from fedmpi.fedavg import TAIL, WeightedAllreduce
 from fedmpi.flat import FlatParameters
 from fedmpi.partition import assign_clients
 from fedmpi.server import ServerHyper, ServerOptimizer
@@ -25,6 +29,41 @@ SIZES = [3, 10, 1, 7, 4]  # uneven shards: weights must follow them
 
 def client_params(base: np.ndarray, client: int) -> np.ndarray:
     return base + np.random.default_rng(client).standard_normal(base.shape).astype(np.float32)
+
+
+def reference(base: np.ndarray, arrived: list[int]) -> np.ndarray:
+    """The weighted average of the clients that arrived, in float64."""
+    total = sum(SIZES[k] for k in arrived)
+    return sum(SIZES[k] * client_params(base, k).astype(np.float64) for k in arrived) / total
+
+
+def check_in_place(world: World, model: torch.nn.Module) -> None:
+    """One client per rank (client = rank), reduced in place, against a separate payload."""
+    flat = FlatParameters(model, tail=len(TAIL))
+    base = flat.buffer.numpy().copy()
+    clients = range(min(world.size, len(SIZES)))
+    in_place = WeightedAllreduce(world, flat.numel, "cpu", in_place=flat.storage)
+    separate = WeightedAllreduce(world, flat.numel, "cpu")
+    for step in (flat.numel, flat.numel + 1, 1000):  # tail alone, straddling, many slices
+        fedavg.CHUNK_BYTES = step * 4
+        # Every client; then client 0 absent (its rank sends zeros); then client 1 expected
+        # but dropped (skipped), so the average is of the others, rescaled.
+        for cohort, dropped in ((clients, ()), (clients[1:], ()), (clients, (1,))):
+            arrived = [k for k in cohort if k not in dropped]
+            if not arrived:
+                continue
+            results = []
+            for aggregator in (separate, in_place):
+                flat.buffer.copy_(torch.from_numpy(client_params(base, world.rank)))
+                aggregator.begin_round(denominator=sum(SIZES[k] for k in cohort))
+                if world.rank in arrived:
+                    aggregator.add(flat.buffer, SIZES[world.rank], 1.0, SIZES[world.rank])
+                totals = aggregator.allreduce()
+                assert totals.weight == totals.examples == sum(SIZES[k] for k in arrived)
+                results.append(totals.average.clone())
+            assert torch.equal(results[0], results[1]), "in place differs from a payload"
+            assert np.allclose(flat.buffer.numpy(), reference(base, arrived), rtol=1e-6, atol=1e-6)
+            assert flat.is_intact()
 
 
 def main() -> None:
@@ -55,9 +94,7 @@ def main() -> None:
             server.step(flat.buffer, flat.buffer.clone(), totals.average)
 
             arrived = [k for k in cohort if k not in dropped]
-            expected = sum(
-                SIZES[k] * client_params(base, k).astype(np.float64) for k in arrived
-            ) / sum(SIZES[k] for k in arrived)
+            expected = reference(base, arrived)
             got = flat.buffer.numpy().astype(np.float64)
             error = np.max(np.abs(got - expected))
             assert totals.weight == sum(SIZES[k] for k in arrived), totals.weight
@@ -68,6 +105,7 @@ def main() -> None:
             first = next(p for p in model.parameters() if p.requires_grad).detach().numpy().ravel()
             assert np.array_equal(first, got[: first.size].astype(np.float32))
             assert flat.is_intact()
+        check_in_place(world, model)
         if world.rank == 0:
             print(f"FEDAVG OK np={world.size} params={flat.numel} max_abs_error={error:.3g}")
 
