@@ -1,4 +1,4 @@
-"""glibc malloc settings against the speed and peak memory of local training.
+"""malloc settings and allocators against the speed and peak memory of local training.
 
     python bench/malloc.py [--steps 12] [--repeats 2]
 
@@ -11,6 +11,8 @@ median step time (the first two steps left out) and VmHWM, the settings interlea
 Why: glibc raises its mmap threshold each time a large block is freed, so activations
 and optimizer state come from a heap that keeps what they free; fixing the threshold
 returns them at every free instead, and each allocation then costs fresh page faults.
+jemalloc and tcmalloc (rows only where installed) return freed memory without that cost,
+which is why ``python -m fedmpi`` preloads one when it can (``fedmpi.allocator``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,26 @@ import sys
 import time
 from pathlib import Path
 
+from fedmpi.allocator import installed_libraries
+
 SETTINGS = {
     "glibc default": {},
     "MALLOC_MMAP_THRESHOLD_=128 KiB (fixed)": {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)},
+    "MALLOC_MMAP_THRESHOLD_=1 MiB (fixed)": {
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    },
     "MALLOC_TOP_PAD_=64 MiB": {"MALLOC_TOP_PAD_": str(64 << 20)},
 }
+
+
+def allocator_settings() -> dict[str, dict[str, str]]:
+    """jemalloc and tcmalloc, preloaded, where the system has them (what
+    ``FEDMPI_MALLOC=auto`` picks from, jemalloc first)."""
+    return {
+        f"{library.name} (LD_PRELOAD, no glibc setting)": {"LD_PRELOAD": str(library)}
+        for library in installed_libraries(dict(os.environ))
+    }
 
 
 def worker(steps: int) -> None:
@@ -65,18 +82,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.steps)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"
+    }
     base["HF_HUB_OFFLINE"] = "1"
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in SETTINGS}
+    settings = {**SETTINGS, **allocator_settings()}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in settings}
     for _ in range(args.repeats):
-        for name, env in SETTINGS.items():
+        for name, env in settings.items():
             command = [sys.executable, __file__, "--worker", "--steps", str(args.steps)]
             out = subprocess.run(
                 command, env={**base, **env}, check=True, capture_output=True, text=True
             ).stdout.split()
             results[name].append((float(out[-2]), float(out[-1])))
     print(f"MiniLM, batch 16 x 40-63 tokens, fused AdamW, 1 thread, {args.steps} steps\n")
-    print("| glibc setting | s/step (median of runs) | VmHWM MiB |\n|---|---:|---:|")
+    print("| allocator setting | s/step (median of runs) | VmHWM MiB |\n|---|---:|---:|")
     for name, runs in results.items():
         step = statistics.median(s for s, _ in runs)
         hwm = statistics.median(h for _, h in runs)

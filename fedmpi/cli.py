@@ -7,12 +7,14 @@ prints help or errors. Invalid input ends the job with exit code 2 before any tr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
+from fedmpi import allocator
 from fedmpi.comm import World, abort_on_error, collectively
 from fedmpi.config import Config, config_fields, field_type, parse_value
 from fedmpi.errors import UsageError
@@ -84,7 +86,9 @@ def _argparse_value(name: str, raw: str) -> Any:
 
 
 def parse_config(argv: list[str] | None, world_size: int, is_root: bool = True) -> Config:
-    """Defaults < YAML file < command-line flags, then validated."""
+    """Defaults < YAML file < command-line flags, then validated (and FEDMPI_MALLOC, which
+    ``python -m fedmpi`` read before MPI could report on it)."""
+    allocator.chosen_library(dict(os.environ))
     flags = vars(build_parser(is_root).parse_args(argv))
     values: dict[str, Any] = {}
     config_file = flags.pop("config", None)

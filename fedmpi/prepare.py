@@ -15,7 +15,17 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from fedmpi import adapters, atomic, checkpoint, data, faults, models, precision, provenance
+from fedmpi import (
+    adapters,
+    allocator,
+    atomic,
+    checkpoint,
+    data,
+    faults,
+    models,
+    precision,
+    provenance,
+)
 from fedmpi.batching import DeviceRows
 from fedmpi.comm import (
     World,
@@ -163,7 +173,8 @@ def _place(cfg: Config, world: World) -> str:
     log(
         world,
         f"{world.size} ranks, {cfg.num_clients(world.size)} clients, device {device}"
-        + (f", {threads} torch threads per rank" if device == "cpu" else ""),
+        + (f", {threads} torch threads per rank" if device == "cpu" else "")
+        + f", malloc {allocator.describe()}",
     )
     layout = node_layout(world)
     if ";" in layout:  # more than one node
