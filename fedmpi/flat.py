@@ -18,7 +18,7 @@ def flat_zeros(numel: int, device: torch.device | str) -> torch.Tensor:
     (``madvise``) on large arrays and torch's allocator does not: every pass over these
     buffers (the scale, MPICH's shared-memory Allreduce copies, the update norms) streams
     hundreds of MB, and with 4 KiB pages it is bound by TLB misses. Measured here, the
-    sliced Allreduce of BERT-base's 438 MB runs about 1.7x faster on huge pages
+    sliced Allreduce of BERT-base's 438 MB runs 1.6-2.2x faster on huge pages
     (``bench/aggregation.py``, docs/benchmarks.md).
     """
     if torch.device(device).type == "cpu":
