@@ -2,8 +2,8 @@
 
 Why: glibc keeps much of what a local step frees (activations, gradients, AdamW's
 moments), so a rank's peak carries ~150 MiB of freed heap; jemalloc hands it back at the
-same step speed. Default job at np=2 with 4 clients: 1251-1267 MiB PSS a rank on glibc,
-1038 on jemalloc (docs/benchmarks.md, section 4).
+same step speed. Default job at np=2 with 4 clients: 1251-1273 MiB PSS a rank on glibc,
+1038-1051 on jemalloc (docs/benchmarks.md, section 4).
 
 ``LD_PRELOAD`` only takes effect when a process starts, so ``python -m fedmpi`` executes
 itself again, once, before anything initialises MPI or imports torch, with the library
@@ -77,8 +77,7 @@ def reexec_with_allocator() -> None:
     except UsageError:
         return  # the command line's checks report it: one line on rank 0, exit 2 on all
     if library is None or str(library) in env.get("LD_PRELOAD", ""):
-        env[ACTIVE] = "glibc" if library is None else str(library)
-        os.environ[ACTIVE] = env[ACTIVE]
+        os.environ[ACTIVE] = "glibc" if library is None else str(library)
         return
     env[ACTIVE] = str(library)
     env["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
