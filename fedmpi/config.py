@@ -66,6 +66,12 @@ class Config:
         "cap on the test set (a random subset drawn with --data-seed); 'all' for no cap",
         nullable="all",
     )
+    val_samples: int = _opt(
+        0,
+        "validation examples held out of the training side (grouped by --split-by like the "
+        "test set, drawn with --data-seed, never trained on) and scored whenever the test "
+        "set is: choose learning rates and rounds on them, not on the test set (0: none)",
+    )
     max_seq_len: int = _opt(64, "maximum tokens per example (longer ones are truncated)")
 
     # Federation.
@@ -238,6 +244,8 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{_flag(name)} must be a positive integer, got {value}")
+        if self.val_samples < 0:
+            raise UsageError(f"--val-samples must be >= 0, got {self.val_samples}")
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.resume and self.overwrite:

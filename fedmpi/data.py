@@ -29,7 +29,7 @@ from fedmpi.config import Config
 from fedmpi.errors import UsageError
 from fedmpi.partition import PartitionSpec
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4  # 4: train/split_groups (the --split-by groups of the train side)
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
 LABEL_COLUMNS = ("label", "labels", "category", "class")
 LOCAL_FORMATS = {
@@ -52,6 +52,7 @@ class TextSplits:
     test_labels: np.ndarray
     label_names: list[str]
     train_groups: list | None = None  # values of the --partition by:COLUMN column
+    split_groups: list | None = None  # train side's values of the --split-by column
     how_split: str = ""  # one line for the log and the cache: which split, what was dropped
 
 
@@ -263,8 +264,9 @@ def _clean_split(
         [texts[i] for i in test],
         labels[test],
         names,
-        None if partition_groups is None else [partition_groups[i] for i in train],
-        how,
+        train_groups=None if partition_groups is None else [partition_groups[i] for i in train],
+        split_groups=None if split_by is None else [split_by[1][i] for i in train],
+        how_split=how,
     )
 
 
@@ -414,8 +416,8 @@ def load_text_splits(cfg: Config) -> TextSplits:
             test_texts,
             ids[len(train) :],
             names,
-            groups,
-            f"the data's own '{test_name}' split as the test set ({overlap} of its "
+            train_groups=groups,
+            how_split=f"the data's own '{test_name}' split as the test set ({overlap} of its "
             f"{len(test_texts)} texts also occur in train)",
         )
     else:
@@ -557,6 +559,12 @@ def _write_cache(
             np.asarray([str(g) for g in splits.train_groups]), return_inverse=True
         )
         f.create_dataset(f"train/groups/{_group_column(cfg)}", data=ids_of_groups)
+    if splits.split_groups is not None:
+        # What --val-samples groups by, so validation never shares a movie with training.
+        _, ids_of_groups = np.unique(
+            np.asarray([str(g) for g in splits.split_groups]), return_inverse=True
+        )
+        f.create_dataset("train/split_groups", data=ids_of_groups)
     f.attrs["content_sha256"] = content.hexdigest()
     f.attrs["complete"] = True  # written last: a file without it is not a cache
 
@@ -647,6 +655,13 @@ def read_column(path: Path, split: str, name: str) -> np.ndarray:
     """A whole per-example column of a split (labels: a few MB even for large corpora)."""
     with h5py.File(path, "r", locking=False) as f:
         return f[f"{split}/{name}"][()]
+
+
+def read_split_groups(path: Path) -> np.ndarray | None:
+    """Group ids of the training rows by the ``--split-by`` column (None: not split by
+    groups), so that a validation set drawn from them keeps whole groups apart."""
+    with h5py.File(path, "r", locking=False) as f:
+        return f["train/split_groups"][()] if "train/split_groups" in f else None
 
 
 def read_groups(path: Path, column: str) -> np.ndarray:

@@ -22,6 +22,7 @@ class EvalResult:
     loss: float
     macro_f1: float
     examples: int
+    confusion: np.ndarray  # (C, C) counts: rows the true class, columns the predicted one
 
 
 def local_counts(
@@ -59,6 +60,7 @@ def metrics_from_counts(counts: np.ndarray, n_classes: int) -> EvalResult:
         loss=float(counts[-1] / total) if total else float("nan"),
         macro_f1=float(f1.mean()) if f1.size else float("nan"),
         examples=int(total),
+        confusion=np.rint(confusion).astype(np.int64),
     )
 
 

@@ -25,6 +25,7 @@ from fedmpi import (
     models,
     precision,
     provenance,
+    splits,
 )
 from fedmpi.batching import DeviceRows
 from fedmpi.comm import (
@@ -65,6 +66,7 @@ class FederationPlan:
     participants: np.ndarray  # the clients that may train (all but --holdout-clients)
     eval_rows: dict[int, np.ndarray]  # per client, rows it is scored on (--eval-clients,
     # its local test set; a held-out client, its whole shard)
+    val_rows: np.ndarray  # --val-samples: train-side rows no client trains on
 
     @property
     def holdout(self) -> np.ndarray:
@@ -85,8 +87,9 @@ class Job:
     plan: FederationPlan
     local_train: dict[int, DeviceRows]  # this rank's clients' shards, on the device
     local_test: DeviceRows  # this rank's slice of the test set
+    local_val: DeviceRows | None  # this rank's slice of the validation set (--val-samples)
     client_eval: dict[int, DeviceRows]  # this rank's clients' own evaluation rows
-    test_identity: dict  # baselines and hash of the whole evaluated test set
+    test_identity: dict  # baselines and hashes of the whole test (and validation) set
     model: torch.nn.Module
     flat: FlatParameters
     precision: str  # of the forward and backward passes: --precision, or the frozen base's
@@ -108,8 +111,11 @@ def prepare(cfg: Config, world: World) -> Job:
     plan = collectively(world, lambda: _plan_federation(cfg, world, cache, info))
     all_test_rows = subsample(info.n_test, cfg.test_samples, cfg.data_seed)
     test_rows = np.array_split(all_test_rows, world.size)[world.rank]
+    val_rows = np.array_split(plan.val_rows, world.size)[world.rank]
 
-    def load_local_data() -> tuple[dict[int, DeviceRows], DeviceRows, dict[int, DeviceRows]]:
+    def load_local_data() -> tuple[
+        dict[int, DeviceRows], DeviceRows, DeviceRows | None, dict[int, DeviceRows]
+    ]:
         faults.inject(world.rank, 0, "setup")
 
         def rows(split: str, which: np.ndarray) -> DeviceRows:
@@ -118,11 +124,13 @@ def prepare(cfg: Config, world: World) -> Job:
         mine = [k for k in plan.my_clients if k in set(plan.participants.tolist())]
         train = {k: rows("train", plan.shards[k]) for k in mine}
         own = {k: rows("train", plan.eval_rows[k]) for k in plan.my_clients if k in plan.eval_rows}
-        return train, rows("test", test_rows), own
+        val = rows("train", val_rows) if len(plan.val_rows) else None
+        return train, rows("test", test_rows), val, own
 
-    local_train, local_test, client_eval = collectively(world, load_local_data)
+    local_train, local_test, local_val, client_eval = collectively(world, load_local_data)
     test_identity = root_computes(
-        world, lambda: _test_identity(cache, all_test_rows, len(info.label_names))
+        world,
+        lambda: _test_identity(cache, all_test_rows, plan.val_rows, len(info.label_names)),
     )
     log(world, f"data: {info.how_split}")
     log(
@@ -130,7 +138,13 @@ def prepare(cfg: Config, world: World) -> Job:
         f"data: {sum(plan.sizes)} training examples in {plan.n_clients} {cfg.partition} "
         f"shards of {min(plan.sizes)}-{max(plan.sizes)}, {len(all_test_rows)} test examples "
         f"(majority class {test_identity['majority_rate']:.3f}), "
-        f"{len(info.label_names)} classes {info.label_names}",
+        + (
+            f"{len(plan.val_rows)} validation examples (majority class "
+            f"{test_identity['val_majority_rate']:.3f}), "
+            if len(plan.val_rows)
+            else ""
+        )
+        + f"{len(info.label_names)} classes {info.label_names}",
     )
 
     model, compute = _load_model(cfg, world, info, device)
@@ -155,6 +169,7 @@ def prepare(cfg: Config, world: World) -> Job:
         plan,
         local_train,
         local_test,
+        local_val,
         client_eval,
         test_identity,
         model,
@@ -187,13 +202,19 @@ def _plan_federation(
 ) -> FederationPlan:
     n_clients = cfg.num_clients(world.size)
     n_classes = len(info.label_names)
-    rows = subsample(info.n_train, cfg.train_samples, cfg.data_seed)
+    labels = data.read_column(cache, "train", "labels")
+    try:
+        pool, val_rows = splits.validation_split(
+            labels, data.read_split_groups(cache), cfg.val_samples, [cfg.data_seed, 1]
+        )
+    except ValueError as exc:
+        raise UsageError(f"--val-samples {cfg.val_samples}: {exc}") from None
+    rows = pool[subsample(len(pool), cfg.train_samples, cfg.data_seed)]
     if len(rows) < n_clients:
         raise UsageError(
             f"{len(rows)} training examples cannot give each of {n_clients} clients one"
         )
     spec = PartitionSpec.parse(cfg.partition)
-    labels = data.read_column(cache, "train", "labels")
     groups = data.read_groups(cache, spec.column) if spec.kind == "by" else None
     try:
         shards = make_shards(
@@ -225,6 +246,7 @@ def _plan_federation(
         my_clients=assignment[world.rank],
         participants=np.setdiff1d(np.arange(n_clients), held_out),
         eval_rows=eval_rows,
+        val_rows=val_rows,
     )
 
 
@@ -309,13 +331,22 @@ def _holds(cache: Path) -> str | None:
         return None
 
 
-def _test_identity(cache: Path, rows: np.ndarray, n_classes: int) -> dict:
-    """Baselines and hash of the evaluated test set, for results.h5."""
+def _test_identity(
+    cache: Path, rows: np.ndarray, val_rows: np.ndarray, n_classes: int
+) -> dict:
+    """Baselines and hashes of the evaluated test set (and validation set), for results.h5."""
     test = data.read_rows(cache, "test", rows)
-    return {
+    identity = {
         **provenance.baselines(test.labels, n_classes),
         "test_sha256": provenance.rows_sha256(test),
     }
+    if len(val_rows):
+        val = data.read_rows(cache, "train", val_rows)
+        baselines = provenance.baselines(val.labels, n_classes)
+        identity["val_majority_rate"] = baselines["majority_rate"]
+        identity["val_examples"] = len(val_rows)
+        identity["val_sha256"] = provenance.rows_sha256(val)
+    return identity
 
 
 def _load_model(

@@ -85,3 +85,28 @@ def stratified_group_split(
     test = np.flatnonzero(in_test[group_ids])
     train = np.flatnonzero(~in_test[group_ids])
     return train, test
+
+
+def validation_split(
+    labels: np.ndarray, groups: np.ndarray | None, n_val: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows left for training, validation rows) of the train side, ascending.
+
+    The validation set is cut like the test set: stratified by label and, with ``groups``
+    (the ``--split-by`` column), with no group on both sides, so choosing a learning rate or
+    a round on it never looks at a movie a client trains on. Whole groups are moved until
+    about ``n_val`` examples are out; when that overshoots, a seeded subset of ``n_val`` of
+    them is kept and the rest is used by neither side (they share groups with validation).
+    """
+    n = len(labels)
+    if n_val <= 0:
+        return np.arange(n), np.arange(0)
+    if n_val >= n:
+        raise ValueError(f"{n_val} validation examples leave none of the {n} to train on")
+    rest, held = stratified_group_split(labels, groups, n_val / n, seed)
+    if len(rest) == 0:
+        raise ValueError(f"{n_val} validation examples leave no whole group to train on")
+    if len(held) > n_val:
+        keep = np.random.default_rng([seed, n, n_val, 0x5A1]).choice(len(held), n_val, False)
+        held = np.sort(held[keep])
+    return rest, held

@@ -115,17 +115,22 @@ def run(cfg: Config, world: World) -> None:
 
         # Evaluation of the new global model, sharded over ranks.
         faults.inject(world.rank, round_, "eval")
-        scores, per_client = None, {}
+        scores, evaluated = None, {}
         if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
             scores = evaluate(
                 model, job.local_test, n_classes, cfg.eval_batch_size, world, job.precision
             )
+            if job.local_val is not None:  # --val-samples: what choices are made on
+                val = evaluate(
+                    model, job.local_val, n_classes, cfg.eval_batch_size, world, job.precision
+                )
+                evaluated.update(_scores_row("val", val))
             if plan.eval_rows:
-                per_client = _evaluate_clients(cfg, world, job, n_classes)
+                evaluated.update(_evaluate_clients(cfg, world, job, n_classes))
         clock.mark("eval")
 
         row = _round_row(
-            cfg, world, plan, round_, cohort, totals, scores, per_client, aggregator, clock,
+            cfg, world, plan, round_, cohort, totals, scores, evaluated, aggregator, clock,
             health, dp, clipped, flat.buffer,
         )  # fmt: skip
         if writer is not None:
@@ -203,7 +208,7 @@ def _round_row(
     cohort: np.ndarray,
     totals: RoundTotals,
     scores: EvalResult | None,
-    per_client: dict,
+    evaluated: dict,
     aggregator: WeightedAllreduce,
     clock: PhaseClock,
     health: dict,
@@ -216,11 +221,12 @@ def _round_row(
         "round": round_,
         "clients/cohort": np.isin(np.arange(plan.n_clients), cohort).astype(np.int8),
         "metrics/train_loss": totals.loss_sum / totals.examples if totals.examples else np.nan,
-        "metrics/test_accuracy": scores.accuracy if scores else np.nan,
-        "metrics/test_loss": scores.loss if scores else np.nan,
-        "metrics/test_macro_f1": scores.macro_f1 if scores else np.nan,
+        "metrics/test_accuracy": np.nan,  # every row has the test metrics, NaN if not scored
+        "metrics/test_loss": np.nan,
+        "metrics/test_macro_f1": np.nan,
+        **(_scores_row("test", scores) if scores else {}),
         "comm/payload_bytes": aggregator.nbytes,
-        **per_client,
+        **evaluated,
         **clock.seconds(),
         **health,
     }
@@ -230,6 +236,17 @@ def _round_row(
     if cfg.verify_sync:
         row["sync/param_crc32"] = _verify_identical(params, world)
     return row
+
+
+def _scores_row(split: str, scores: EvalResult) -> dict:
+    """``metrics/{split}_*`` of one evaluation, with its confusion matrix (true x predicted
+    counts), from which every outcome rule of the report can be recomputed."""
+    return {
+        f"metrics/{split}_accuracy": scores.accuracy,
+        f"metrics/{split}_loss": scores.loss,
+        f"metrics/{split}_macro_f1": scores.macro_f1,
+        f"metrics/{split}_confusion": scores.confusion,
+    }
 
 
 def _finish(
@@ -444,6 +461,8 @@ def _round_summary(round_: int, rounds: int, row: dict) -> str:
             f"loss {row['metrics/test_loss']:.4f} | "
         )
     )
+    val = row.get("metrics/val_accuracy", math.nan)
+    test += "" if math.isnan(val) else f"val acc {val:.4f} | "
     privacy = f"epsilon {row['privacy/epsilon']:.3g} | " if "privacy/epsilon" in row else ""
     return (
         f"round {round_}/{rounds} | train loss {row['metrics/train_loss']:.4f} | {test}{privacy}"
