@@ -1,74 +1,77 @@
 #!/usr/bin/env bash
-# The CPU study committed under study/: how do pretrained models tolerate FedAvg as the
-# same training data is split over more clients? models x tasks x clients x seeds on the
-# offline built-ins, then the report. Run from anywhere (or `make study`):
+# The CPU study committed under study/ (docs/study.md): does FedAvg fine-tuning of a
+# pretrained encoder slow down, or collapse, as one training set is split over more
+# clients, and is that the averaging or the fewer, larger steps? Arms are (clients x batch)
+# on the same 640 training examples, with a centralized control; every choice is made on
+# validation data. Run from anywhere (or `make study`, `make study-pilot`):
 #
-#   jobs/local_study.sh                          # (2 x 5 + 1 x 3) x 3 = 39 runs, 1-2 h on 2 cores
+#   jobs/local_study.sh                          # 4 arms x 5 seeds = 20 runs, ~2 h on 2 cores
+#   PILOT=1 jobs/local_study.sh                  # the learning-rate pilot (study/pilot)
 #   FEDMPI_STUDY_DRY_RUN=1 jobs/local_study.sh   # print the commands only
-#   MODELS=minilm SEEDS=1 CLIENTS="1 16" jobs/local_study.sh      # a slice of it
+#   SEEDS=1 ARMS="1x8 16x8" jobs/local_study.sh  # a slice of it
 #
 # The design (environment variables override it, defaults in brackets):
-#   MODELS [minilm mpnet]   TASKS [rotten_tomatoes tweets]   CLIENTS [1 2 4 8 16]
-#   MPNET_TASKS [rotten_tomatoes]   MPNET_CLIENTS [1 4 16]: mpnet's share (an AdamW step of
-#     it costs ~7x MiniLM's), TASKS and CLIENTS for every other model
-#   SEEDS [1 2 3]: --seed (shards, order, dropout, head); the data (split, the 160
-#     training and 200 test examples) follow --data-seed 0 in every run, so all seeds and
-#     client counts of a task are scored on the same test set
-#   ROUNDS [6]   TRAIN_SAMPLES [160]   TEST_SAMPLES [200]   BATCH_SIZE [8]   LOCAL_EPOCHS [1]
-#   MAX_SEQ_LEN [64], with --group-by-length; AdamW, lr 1e-4 for minilm and 5e-5 for mpnet
-#   (LR overrides both)
+#   MODELS [minilm]   TASKS [rotten_tomatoes] (split by movie)
+#   ARMS [1x8 4x8 16x8 1x128]: CLIENTSxBATCH. Equal IID shards of TRAIN_SAMPLES, one local
+#     epoch a round: 1x8 takes 80 steps a round, 4x8 20 per client, 16x8 5 per client;
+#     1x128 is the centralized control: 5 steps of 128 = the examples of one 16x8 round,
+#     one step's worth of each of its clients, in one step (no averaging)
+#   SEEDS [1 2 3 4 5]: --seed (shards, order, dropout, head); the data (split, training,
+#     validation and test examples) follow --data-seed 0 in every run, so every arm and
+#     seed is scored on the same validation and test sets
+#   LRS [5e-5]: AdamW learning rates; 5e-5 was chosen on validation by the pilot
+#   ROUNDS [20]   TRAIN_SAMPLES [640]   VAL_SAMPLES [300]   TEST_SAMPLES [1000]
+#   EVAL_EVERY [2]   MAX_SEQ_LEN [64], with --group-by-length, --diagnostics norms
+#   PILOT [0]: 1 runs the pilot instead: SEEDS 0 (no seed of the main study), LRS
+#     "3e-5 1e-4 3e-4", ROUNDS 10, OUT_ROOT study/pilot/runs, REPORT study/pilot/report
 #   JOBS [2]: runs at once, each one MPI rank with one torch thread (results do not depend
-#     on -np: tests/test_algorithms_mpi.py); RANKS [1] ranks per run
-#   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-s<seed>;
+#     on -np: tests/test_algorithms_mpi.py)
+#   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-b<B>-lr<LR>-s<seed>
 #   REPORT [study/report]
 #
-# With the total fixed at 160 examples, K clients hold 160/K each: 20 local steps a round
-# for 1 client, 2 for 16 (batch 8, one epoch). Every run checkpoints every round: the
-# study can be stopped at any time (a session ending, Ctrl-C) and rerun; finished runs
-# (fedmpi.done beside results.h5) are skipped and an interrupted run resumes from its
-# last round. A finished run's checkpoint (the model, 87-438 MB) is deleted; results.h5
-# and fedmpi.log stay (about 60 KB). A failed run is reported and the others go on; the
-# script exits 1 at the end if any failed.
+# Every run checkpoints every round: the study can be stopped at any time (a session
+# ending, Ctrl-C) and rerun; finished runs (fedmpi.done beside results.h5) are skipped and
+# an interrupted run resumes from its last round. A finished run's checkpoint is deleted;
+# results.h5 and fedmpi.log stay. A failed run is reported and the others go on; the script
+# exits 1 at the end if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=common.sh
 source jobs/common.sh
 
-read -r -a models <<<"${MODELS:-minilm mpnet}"
-read -r -a tasks <<<"${TASKS:-rotten_tomatoes tweets}"
-read -r -a client_counts <<<"${CLIENTS:-1 2 4 8 16}"
-read -r -a mpnet_tasks <<<"${MPNET_TASKS:-rotten_tomatoes}"
-read -r -a mpnet_clients <<<"${MPNET_CLIENTS:-1 4 16}"
-read -r -a seeds <<<"${SEEDS:-1 2 3}"
-out_root=${OUT_ROOT:-study/runs}
-report=${REPORT:-study/report}
+pilot=${PILOT:-0}
+if [[ "$pilot" == 1 ]]; then
+    defaults=(0 "3e-5 1e-4 3e-4" 10 study/pilot/runs study/pilot/report)
+else
+    defaults=("1 2 3 4 5" 5e-5 20 study/runs study/report)
+fi
+read -r -a models <<<"${MODELS:-minilm}"
+read -r -a tasks <<<"${TASKS:-rotten_tomatoes}"
+read -r -a arms <<<"${ARMS:-1x8 4x8 16x8 1x128}"
+read -r -a seeds <<<"${SEEDS:-${defaults[0]}}"
+read -r -a lrs <<<"${LRS:-${defaults[1]}}"
+rounds=${ROUNDS:-${defaults[2]}}
+out_root=${OUT_ROOT:-${defaults[3]}}
+report=${REPORT:-${defaults[4]}}
 python=${FEDMPI_PYTHON:-.venv/bin/python}
 mpiexec=${FEDMPI_MPIEXEC:-.venv/bin/mpiexec}
 jobs=${JOBS:-2}
-ranks=${RANKS:-1}
 dry_run=${FEDMPI_STUDY_DRY_RUN:-0}
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-learning_rate() {
-    case "$1" in
-        mpnet) echo "${LR:-5e-5}" ;;
-        *) echo "${LR:-1e-4}" ;;
-    esac
-}
-
 # One run: print it (dry run), or run it resumably (jobs/common.sh).
 run_one() {
-    local model=$1 task=$2 clients=$3 seed=$4 n=$5 total=$6
-    local out="$out_root/$model-$task-${clients}c-s$seed"
-    local np=$((clients < ranks ? clients : ranks))
+    local model=$1 task=$2 clients=$3 batch=$4 lr=$5 seed=$6 n=$7 total=$8
+    local out="$out_root/$model-$task-${clients}c-b$batch-lr$lr-s$seed"
     local cmd=(
-        "$mpiexec" -n "$np" "$python" -m fedmpi
+        "$mpiexec" -n 1 "$python" -m fedmpi
         --model "$model" --dataset "$task" --clients "$clients" --seed "$seed" --data-seed 0
-        --rounds "${ROUNDS:-6}" --train-samples "${TRAIN_SAMPLES:-160}"
-        --test-samples "${TEST_SAMPLES:-200}" --max-seq-len "${MAX_SEQ_LEN:-64}"
-        --batch-size "${BATCH_SIZE:-8}" --local-epochs "${LOCAL_EPOCHS:-1}" --group-by-length
-        --optimizer adamw --lr "$(learning_rate "$model")" --threads 1
+        --rounds "$rounds" --train-samples "${TRAIN_SAMPLES:-640}"
+        --val-samples "${VAL_SAMPLES:-300}" --test-samples "${TEST_SAMPLES:-1000}"
+        --eval-every "${EVAL_EVERY:-2}" --max-seq-len "${MAX_SEQ_LEN:-64}"
+        --batch-size "$batch" --local-epochs 1 --group-by-length
+        --optimizer adamw --lr "$lr" --threads 1 --diagnostics norms
         --checkpoint-every 1 --output "$out"
     )
     if [[ "$dry_run" == 1 ]]; then
@@ -83,13 +86,11 @@ run_one() {
 cells=()
 for seed in "${seeds[@]}"; do
     for model in "${models[@]}"; do
-        model_tasks=("${tasks[@]}") model_clients=("${client_counts[@]}")
-        if [[ "$model" == mpnet ]]; then
-            model_tasks=("${mpnet_tasks[@]}") model_clients=("${mpnet_clients[@]}")
-        fi
-        for task in "${model_tasks[@]}"; do
-            for clients in "${model_clients[@]}"; do
-                cells+=("$model $task $clients $seed")
+        for task in "${tasks[@]}"; do
+            for lr in "${lrs[@]}"; do
+                for arm in "${arms[@]}"; do
+                    cells+=("$model $task ${arm%x*} ${arm#*x} $lr $seed")
+                done
             done
         done
     done
@@ -99,17 +100,17 @@ n=0
 failed=0
 running=0
 for cell in "${cells[@]}"; do
-    read -r model task clients seed <<<"$cell"
+    read -r model task clients batch lr seed <<<"$cell"
     n=$((n + 1))
     if [[ "$dry_run" == 1 ]]; then
-        run_one "$model" "$task" "$clients" "$seed" "$n" "$total"
+        run_one "$model" "$task" "$clients" "$batch" "$lr" "$seed" "$n" "$total"
         continue
     fi
     if ((running >= jobs)); then
         wait -n || failed=$((failed + 1))
         running=$((running - 1))
     fi
-    run_one "$model" "$task" "$clients" "$seed" "$n" "$total" &
+    run_one "$model" "$task" "$clients" "$batch" "$lr" "$seed" "$n" "$total" &
     running=$((running + 1))
 done
 while ((running > 0)); do
