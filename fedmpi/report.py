@@ -1,13 +1,22 @@
 """Summarise many runs: ``python -m fedmpi.report RUN_DIR... [--output DIR] [--reach X]``.
 
 The paper's study (arXiv 2102.00875) is a grid of runs (model x task x number of clients),
-each writing its own ``results.h5``, repeated over seeds. This command groups the runs by
-their whole configuration except the seed (``fedmpi.report_runs``) and writes one row per
-group to ``summary.csv`` and ``summary.md``: the number of seeds, the mean and 95 %
-confidence half-width of the final and best accuracy and macro-F1, the test set's
-majority-class rate, how many seeds collapsed (not better than the majority class), the
-rounds each needs to reach X % of the 1-client (centralized) best accuracy, the bytes sent
-and the seconds per round; and figures with error bands (``fedmpi.report_plots``).
+each writing its own ``results.h5``, repeated over seeds. This command groups the finished
+runs by their whole configuration except the seed (``fedmpi.report_runs``) and writes:
+
+* ``summary.csv`` and ``summary.md``: one row per group: the number of seeds, the mean and
+  95 % confidence half-width of the final accuracy and macro-F1, the test accuracy at the
+  round validation selects, the test set's majority-class rate, how many seeds **learned**,
+  are **slow** or **collapsed** (rules in ``fedmpi.report_runs``), the rounds each needs to
+  reach X % of the 1-client (centralized) best accuracy, the bytes sent and the seconds
+  per round;
+* ``comparisons.csv``: every pair of groups of one model and task, the difference in mean
+  final test accuracy with its 95 % interval, an exact permutation p-value and its Holm
+  adjustment over the file (``fedmpi.report_stats``);
+* figures with error bands (``fedmpi.report_plots``).
+
+Every warning (an unfinished run left out, a replaced duplicate, seeds scored on different
+test sets) is printed and written into summary.md.
 
 A RUN_DIR is a run directory holding ``results.h5``, a parent directory (searched
 recursively), or a ``results.h5`` file itself. Run paths in the tables are relative to the
@@ -28,9 +37,12 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from fedmpi import report_stats
 from fedmpi.report_runs import (
-    COLLAPSE_F1_MARGIN,
-    COLLAPSE_STANDARD_ERRORS,
+    COLLAPSE_LOSS_RATIO,
+    COLLAPSE_PREDICTION_SHARE,
+    LEARNED_STANDARD_ERRORS,
+    OUTCOMES,
     Group,
     ReportError,
     find_results,
@@ -45,8 +57,11 @@ COLUMNS = [
     "model",
     "dataset",
     "clients",
+    "batch_size",
+    "lr",
     "setting",
     "seeds",
+    "unfinished",
     "rounds",
     "majority_rate",
     "final_accuracy",
@@ -57,7 +72,11 @@ COLUMNS = [
     "final_macro_f1_ci95",
     "best_macro_f1",
     "best_macro_f1_ci95",
-    "collapsed",
+    *OUTCOMES,
+    "selected_round",
+    "val_at_selected",
+    "test_at_selected",
+    "test_at_selected_ci95",
     "rounds_to_reach",
     "reached",
     "bytes_per_client_round",
@@ -92,14 +111,19 @@ def summary_rows(groups: list[Group], reach: float, root: Path) -> list[dict[str
         best_acc = group.stat(lambda r: r.best[0])
         final_f1 = group.stat(lambda r: r.final_macro_f1)
         best_f1 = group.stat(lambda r: r.best_macro_f1)
-        collapsed = [r.collapsed for r in group.runs if r.collapsed is not None]
+        outcomes = group.outcomes()
+        selected = group.stat(lambda r: r.selected_round or math.nan)
+        test_at = group.stat(lambda r: r.at_round(r.accuracy, r.selected_round))
         rows.append(
             {
                 "model": run.model,
                 "dataset": run.dataset,
                 "clients": run.clients,
+                "batch_size": run.config.get("batch_size"),
+                "lr": f"{run.config.get('lr'):g}",
                 "setting": group.setting,
                 "seeds": len(group.runs),
+                "unfinished": len(group.unfinished),
                 "rounds": int(max(r.rounds.size for r in group.runs)),
                 "majority_rate": _or_none(run.majority_rate),
                 "final_accuracy": _or_none(final_acc[0]),
@@ -110,7 +134,16 @@ def summary_rows(groups: list[Group], reach: float, root: Path) -> list[dict[str
                 "final_macro_f1_ci95": _or_none(final_f1[1]),
                 "best_macro_f1": _or_none(best_f1[0]),
                 "best_macro_f1_ci95": _or_none(best_f1[1]),
-                "collapsed": f"{sum(collapsed)}/{len(group.runs)}" if collapsed else None,
+                **{
+                    name: None if outcomes is None else f"{outcomes[name]}/{len(group.runs)}"
+                    for name in OUTCOMES
+                },
+                "selected_round": _or_none(selected[0]),
+                "val_at_selected": _or_none(
+                    group.stat(lambda r: r.at_round(r.val_accuracy, r.selected_round))[0]
+                ),
+                "test_at_selected": _or_none(test_at[0]),
+                "test_at_selected_ci95": _or_none(test_at[1]),
                 "rounds_to_reach": sum(reached) / len(reached) if reached else None,
                 "reached": None if target is None else f"{len(reached)}/{len(group.runs)}",
                 "bytes_per_client_round": _or_none(_payload(group)),
@@ -174,39 +207,84 @@ def _pm(row: dict[str, Any], key: str) -> str:
     return f"{mean:.3f}" + ("" if half is None else f" ± {half:.3f}")
 
 
+def write_comparisons(rows: list[report_stats.Comparison], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(COMPARISON_COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(getattr(row, c), 6) for c in COMPARISON_COLUMNS])
+
+
+COMPARISON_COLUMNS = [
+    "model", "dataset", "a", "b", "n_a", "n_b", "mean_a", "mean_b", "difference",
+    "low", "high", "p", "p_holm",
+]  # fmt: skip
+
+
+def comparisons(groups: list[Group]) -> list[report_stats.Comparison]:
+    """Every pair of groups of one model and task on final test accuracy, Holm-adjusted
+    over all of them."""
+    by_task: dict[tuple[str, str], list[Group]] = {}
+    for group in groups:
+        by_task.setdefault((group.first.model, group.first.dataset), []).append(group)
+    rows = []
+    for (model, dataset), members in by_task.items():
+        named = [(g.arm, [r.final_accuracy for r in g.runs]) for g in members]
+        rows += report_stats.compare(model, dataset, named)
+    return report_stats.adjust(rows)
+
+
+def _outcome_cell(row: dict[str, Any]) -> str:
+    if row["learned"] is None:
+        return ""
+    return " / ".join(row[name].split("/")[0] for name in OUTCOMES) + f" of {row['seeds']}"
+
+
 def write_markdown(
-    rows: list[dict[str, Any]], figures: list[Path], reach: float, path: Path
+    rows: list[dict[str, Any]],
+    compared: list[report_stats.Comparison],
+    figures: list[Path],
+    warnings: list[str],
+    reach: float,
+    path: Path,
 ) -> None:
     lines = [
         "# fedmpi report",
         "",
-        f"{len(rows)} configurations, {sum(r['seeds'] for r in rows)} runs. Each row: the mean "
-        "over its seeds ± the half-width of a 95 % Student-t confidence interval (none for "
-        f"one seed). `collapsed`: seeds whose final accuracy is within "
-        f"{COLLAPSE_STANDARD_ERRORS:g} standard errors of the test set's majority-class rate "
-        f"(or whose macro-F1 is within {COLLAPSE_F1_MARGIN:g} of a constant predictor's). "
-        f"`rounds to {reach:g} %`: mean first round reaching {reach:g} % of the 1-client "
-        "run's mean best accuracy (same configuration otherwise), over the seeds that "
-        "reached it (`reached`). Bytes: what one client uploads per round (the Allreduce "
-        "payload), and all clients over the run.",
+        f"{len(rows)} configurations, {sum(r['seeds'] for r in rows)} finished runs. Each "
+        "row: the mean over its seeds ± the half-width of a 95 % Student-t confidence "
+        "interval (none for one seed). Outcomes, per seed, from its final round: "
+        f"**collapsed** if >= {COLLAPSE_PREDICTION_SHARE:.0%} of the test predictions fall "
+        f"in one class and the training loss ended >= {COLLAPSE_LOSS_RATIO:g} x its round-1 "
+        f"value; else **learned** if the test accuracy exceeds the majority rate m by more "
+        f"than {LEARNED_STANDARD_ERRORS:g} standard errors, m + "
+        f"{LEARNED_STANDARD_ERRORS:g} sqrt(m (1 - m) / n); else **slow**. `selected`: the "
+        "round of the best validation accuracy (--val-samples), and the test accuracy "
+        f"there. `rounds to {reach:g} %`: mean first round reaching {reach:g} % of the "
+        "1-client run's mean best test accuracy (same configuration otherwise), over the "
+        "seeds that reached it (`reached`). Bytes: what one client uploads per round (the "
+        "Allreduce payload).",
         "",
-        "| model | dataset | clients | setting | seeds | majority | final acc | best acc "
-        f"| final macro-F1 | collapsed | rounds to {reach:g} % | reached | MB/client/round "
-        "| s/round |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | dataset | arm | seeds | majority | final acc | selected round "
+        "| test acc at selected | final macro-F1 | learned / slow / collapsed "
+        f"| rounds to {reach:g} % | reached | MB/client/round | s/round |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        arm = f"{row['clients']}x{row['batch_size']} lr {row['lr']}" + (
+            f" ({row['setting']})" if row["setting"] else ""
+        )
         cells = [
             row["model"],
             row["dataset"],
-            str(row["clients"]),
-            row["setting"],
+            arm,
             str(row["seeds"]),
             _cell(row["majority_rate"], 3),
             _pm(row, "final_accuracy"),
-            _pm(row, "best_accuracy"),
+            _cell(row["selected_round"], 1),
+            _pm(row, "test_at_selected"),
             _pm(row, "final_macro_f1"),
-            _cell(row["collapsed"], 0),
+            _outcome_cell(row),
             _cell(row["rounds_to_reach"], 1),
             _cell(row["reached"], 0),
             ""
@@ -215,6 +293,26 @@ def write_markdown(
             _cell(row["seconds_per_round"], 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if compared:
+        lines += [
+            "",
+            "## Comparisons",
+            "",
+            "Final test accuracy, a - b: the difference of the means with its Welch 95 % "
+            "interval, the exact permutation p-value over the seeds and its Holm adjustment "
+            "over every comparison in this report (comparisons.csv). Only rows with "
+            "p_holm < 0.05 support a claim that a and b differ.",
+            "",
+            "| model | dataset | a | b | a - b | 95 % interval | p | p_holm |",
+            "|---|---|---|---|---:|---|---:|---:|",
+        ]
+        for c in compared:
+            interval = "" if math.isnan(c.low) else f"[{c.low:+.3f}, {c.high:+.3f}]"
+            mark = " **" if c.p_holm < 0.05 else ""
+            lines.append(
+                f"| {c.model} | {c.dataset} | {c.a} | {c.b} | {c.difference:+.3f} | "
+                f"{interval} | {c.p:.4f} | {c.p_holm:.4f}{mark} |"
+            )
     clients = [r for r in rows if r["client_accuracy_mean"] is not None or r["epsilon"] is not None]
     if clients:
         lines += [
@@ -245,6 +343,8 @@ def write_markdown(
             ]
             cells.append(_cell(row["holdout_accuracy"], 3))
             lines.append("| " + " | ".join(cells) + " |")
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{f.stem}]({f.name})\n" for f in figures]
@@ -297,11 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warn(message: str) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+class _Warnings(list):
+    """Warnings as they are printed, kept for summary.md."""
+
+    def __call__(self, message: str) -> None:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+        self.append(message)
 
 
 def main(argv: list[str] | None = None) -> int:
+    warn = _Warnings()
     try:
         args = build_parser().parse_args(argv)
         if not 0 < args.reach <= 100:
@@ -313,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             except ReportError as exc:
                 if not args.skip_invalid:
                     raise
-                _warn(f"skipped {exc}")
+                warn(f"skipped {exc}")
         if not runs:
             raise ReportError("no readable results files")
         out = Path(args.output).expanduser()
@@ -325,27 +430,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
-    groups = group_runs(runs, _warn)
+    groups = group_runs(runs, warn)
+    if not groups:
+        print(f"{PROG}: error: no finished run (every run stopped early)", file=sys.stderr)
+        return 2
     root = Path(os.path.commonpath([Path(p).expanduser().resolve() for p in args.runs]))
     if root.is_file():
         root = root.parent
     rows = summary_rows(groups, args.reach, root)
     write_csv(rows, out / "summary.csv")
-    figures = _figures(groups, out)
-    write_markdown(rows, figures, args.reach, out / "summary.md")
+    compared = comparisons(groups)
+    write_comparisons(compared, out / "comparisons.csv")
+    figures = _figures(groups, out, warn)
+    write_markdown(rows, compared, figures, warn, args.reach, out / "summary.md")
     print(
         f"{len(runs)} runs in {len(groups)} configurations -> {out / 'summary.md'}, "
-        f"summary.csv, {len(figures)} figures"
+        f"summary.csv, comparisons.csv, {len(figures)} figures"
     )
     return 0
 
 
-def _figures(groups: list[Group], out: Path) -> list[Path]:
+def _figures(groups: list[Group], out: Path, warn) -> list[Path]:
     """The figures, or none (with a warning) where matplotlib is not installed."""
     try:
         from fedmpi import report_plots
     except ImportError as exc:
-        _warn(f"figures skipped: {exc} (pip install matplotlib)")
+        warn(f"figures skipped: {exc} (pip install matplotlib)")
         return []
     return report_plots.write_figures(groups, out)
 

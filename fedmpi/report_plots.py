@@ -6,12 +6,17 @@ that always predicts one class scores. Three kinds, each answering one of the st
 questions:
 
 * ``accuracy_<model>_<dataset>[_<setting>].png``: test accuracy per round, one line per
-  client count: does convergence slow down, or collapse, as clients grow?
+  arm (clients x batch, learning rate): does convergence slow down, or collapse, as
+  clients grow?
+* ``validation_<model>_<dataset>[_<setting>].png`` (runs with ``--val-samples``): the same
+  on the validation set, what rounds and learning rates are chosen on: has an arm
+  plateaued, and where does it peak?
 * ``final_accuracy_<dataset>.png``: final accuracy against the number of clients (log2
   axis), one line per model (and setting): which models tolerate federated averaging?
 * ``diagnostics_<model>_<dataset>[_<setting>].png`` (runs with ``diagnostics/*``): the
-  mean leave-one-out cosine of client updates, and the norm of the global update, per
-  round: do client updates disagree where accuracy falls?
+  norm of the global update per round and, with ``--diagnostics full``, the mean
+  leave-one-out cosine of client updates: is an arm slow because its global steps are
+  small (the average of K shorter local trajectories), or because client updates disagree?
 * ``privacy_<model>_<dataset>.png`` (DP runs, ``privacy/epsilon``): final test accuracy
   against the epsilon spent, one point per configuration, with the clients' own accuracy
   (``--eval-clients``: mean, the bar one standard deviation across clients, the triangle
@@ -76,14 +81,27 @@ def _majority(ax: plt.Axes, groups: list[Group]) -> None:
         ax.axhline(rate, color="gray", linestyle="--", label="majority class")
 
 
-def accuracy_curves(groups: list[Group], path: Path) -> Path:
-    """One model x dataset x setting: accuracy per round, a line per client count."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for group in sorted(groups, key=lambda g: g.first.clients):
-        rounds, mean, half = group.curve(lambda r: r.accuracy)
-        _band(ax, rounds, mean, half, f"{_label(group.first.clients)} (n={len(group.runs)})")
-    _majority(ax, groups)
-    ax.set(xlabel="round", ylabel="test accuracy", title=_title(groups[0]))
+def _arm(group: Group) -> str:
+    run = group.first
+    return (
+        f"{_label(run.clients)} x batch {run.config.get('batch_size')}, "
+        f"lr {run.config.get('lr'):g} (n={len(group.runs)})"
+    )
+
+
+def accuracy_curves(groups: list[Group], path: Path, split: str = "test") -> Path:
+    """One model x dataset x setting: test (or validation) accuracy per round, a line per
+    arm; the dashed line is that set's majority-class rate."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group in groups:
+        values = (lambda r: r.accuracy) if split == "test" else (lambda r: r.val_accuracy)
+        rounds, mean, half = group.curve(values)
+        _band(ax, rounds, mean, half, _arm(group))
+    rate = groups[0].first.majority_rate if split == "test" else groups[0].first.val_majority_rate
+    if not math.isnan(rate):
+        ax.axhline(rate, color="gray", linestyle="--", label="majority class")
+    name = "test" if split == "test" else "validation"
+    ax.set(xlabel="round", ylabel=f"{name} accuracy", title=_title(groups[0]))
     ax.legend(fontsize="small")
     return _save(fig, path)
 
@@ -93,7 +111,9 @@ def final_vs_clients(groups: list[Group], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     lines: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for group in groups:
-        lines[(group.first.model, group.setting)].append(group)
+        run = group.first
+        detail = f"batch {run.config.get('batch_size')}, lr {run.config.get('lr'):g}"
+        lines[(run.model, ", ".join(x for x in (detail, group.setting) if x))].append(group)
     for (model, setting), members in sorted(lines.items()):
         members = sorted(members, key=lambda g: g.first.clients)
         stats = [g.stat(lambda r: r.final_accuracy) for g in members]
@@ -115,19 +135,21 @@ def final_vs_clients(groups: list[Group], path: Path) -> Path:
 
 
 def diagnostics(groups: list[Group], path: Path) -> Path:
-    """One model x dataset x setting: mean client cosine and global update norm per round."""
-    fig, (cos_ax, norm_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for group in sorted(groups, key=lambda g: g.first.clients):
-        label = _label(group.first.clients)
-        for ax, values in ((cos_ax, "mean_cosine"), (norm_ax, "global_norm")):
+    """One model x dataset x setting: the global update's norm per round (log scale) and,
+    where recorded, the mean leave-one-out client cosine."""
+    panels = [("global_norm", "global update L2 norm")]
+    if any(all(r.mean_cosine is not None for r in g.runs) for g in groups):
+        panels.append(("mean_cosine", "mean cosine(client update, others' mean)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (values, ylabel) in zip(axes[0], panels, strict=True):
+        for group in groups:
             if all(getattr(r, values) is not None for r in group.runs):
                 rounds, mean, half = group.curve(lambda r, v=values: getattr(r, v))
                 if mean.size:
-                    _band(ax, rounds, mean, half, label)
-    title = _title(groups[0])
-    cos_ax.set(xlabel="round", ylabel="mean cosine(client update, others' mean)", title=title)
-    norm_ax.set(xlabel="round", ylabel="global update L2 norm", title=title)
-    for ax in (cos_ax, norm_ax):
+                    _band(ax, rounds, mean, half, _arm(group))
+        ax.set(xlabel="round", ylabel=ylabel, title=_title(groups[0]))
+        if values == "global_norm":
+            ax.set_yscale("log")
         if ax.lines:
             ax.legend(fontsize="small")
     return _save(fig, path)
@@ -190,7 +212,12 @@ def write_figures(groups: list[Group], out: Path) -> list[Path]:
     for (model, dataset, setting), members in sorted(curves.items()):
         slug = _slug(model, dataset, setting)
         figures.append(accuracy_curves(members, out / f"accuracy_{slug}.png"))
-        with_diagnostics = [g for g in members if any(r.mean_cosine is not None for r in g.runs)]
+        validated = [g for g in members if all(r.val_accuracy is not None for r in g.runs)]
+        if validated:
+            figures.append(
+                accuracy_curves(validated, out / f"validation_{slug}.png", split="validation")
+            )
+        with_diagnostics = [g for g in members if all(r.global_norm is not None for r in g.runs)]
         if with_diagnostics:
             figures.append(diagnostics(with_diagnostics, out / f"diagnostics_{slug}.png"))
     for dataset, members in sorted(datasets.items()):

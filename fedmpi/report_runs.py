@@ -3,11 +3,19 @@ runs are seeds of one configuration, and the statistics over those seeds.
 
 Used by ``fedmpi.report`` (tables, command line) and ``fedmpi.report_plots`` (figures).
 
-**Collapsed** (a run): its final accuracy is not significantly above the majority-class
-rate ``p`` of its test set, i.e. ``accuracy <= p + 2 * sqrt(p * (1 - p) / n)`` for ``n``
-test examples (two standard errors of a constant predictor's score), or its final
-macro-F1 is within 0.01 of a constant predictor's, ``2p / (1 + p) / classes``. Both catch
-a model that predicts one class, which scores ``p``, not ``1 / classes``.
+Every run ends in one **outcome**, by rules anyone can recompute from its results.h5
+(``m`` the test set's majority-class rate, ``n`` its examples, "final" the last evaluated
+round):
+
+* **collapsed**: in the final round at least 95 % of the test predictions fall in one class
+  (``metrics/test_confusion``: the largest column sum over the total) *and* the final
+  ``metrics/train_loss`` is at least 0.95 x its round-1 value: a constant predictor that
+  did not learn. This takes precedence over the other two.
+* **learned**: the final test accuracy exceeds ``m + 2 sqrt(m (1 - m) / n)``, two standard
+  errors above what a constant predictor of the majority class scores.
+* **slow**: neither: it trains, but is not yet clear of the majority band.
+
+Runs written before confusion matrices were recorded have no outcome (shown empty).
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import numpy as np
 
 from fedmpi.results import RESULTS_NAME, read_results
 
-COLLAPSE_STANDARD_ERRORS = 2.0
-COLLAPSE_F1_MARGIN = 0.01
+LEARNED_STANDARD_ERRORS = 2.0
+COLLAPSE_PREDICTION_SHARE = 0.95
+COLLAPSE_LOSS_RATIO = 0.95
+OUTCOMES = ("learned", "slow", "collapsed")
 _EPS = 1e-9
 # Settings that do not change what a run computes, or are what varies between its seeds.
 NOT_CONFIGURATION = {
@@ -43,7 +53,7 @@ NOT_CONFIGURATION = {
     "trust_remote_code",
 }
 # Shown as their own columns (or, for clients, derived from the file), not in "setting".
-OWN_COLUMNS = ("model", "dataset", "clients")
+OWN_COLUMNS = ("model", "dataset", "clients", "batch_size", "lr")
 
 
 class ReportError(Exception):
@@ -72,6 +82,10 @@ class Run:
     epsilon: np.ndarray | None = None  # per round, DP-FedAvg's epsilon
     client_accuracy: np.ndarray | None = None  # (rounds, clients), on each client's own rows
     holdout_accuracy: np.ndarray | None = None  # per round, pooled over never-trained clients
+    train_loss: np.ndarray | None = None  # per round
+    test_confusion: np.ndarray | None = None  # (rounds, C, C), -1 where not evaluated
+    val_accuracy: np.ndarray | None = None  # per round (--val-samples), NaN where not scored
+    val_majority_rate: float = math.nan
 
     @property
     def model(self) -> str:
@@ -124,21 +138,62 @@ class Run:
         return float(np.max(f1)) if f1.size else math.nan
 
     @property
-    def collapse_threshold(self) -> float:
-        """The accuracy a run must beat not to count as collapsed (see the module doc)."""
-        p, n = self.majority_rate, self.test_examples
-        return p + COLLAPSE_STANDARD_ERRORS * math.sqrt(p * (1 - p) / n) if n else math.nan
+    def finished(self) -> bool:
+        """Whether the file holds every round its configuration asked for."""
+        return int(self.rounds[-1]) >= int(self.config.get("rounds", 0))
 
     @property
-    def collapsed(self) -> bool | None:
-        """None where it cannot be told (no evaluated round, or no baselines in the file)."""
-        final, f1 = self.final_accuracy, self.final_macro_f1
-        if math.isnan(final) or math.isnan(self.majority_rate):
+    def learned_threshold(self) -> float:
+        """The accuracy a run must beat to count as learned (see the module doc)."""
+        p, n = self.majority_rate, self.test_examples
+        return p + LEARNED_STANDARD_ERRORS * math.sqrt(p * (1 - p) / n) if n else math.nan
+
+    @property
+    def final_prediction_share(self) -> float:
+        """The share of the final evaluation's test predictions in its most predicted class."""
+        if self.test_confusion is None:
+            return math.nan
+        scored = [c for c in self.test_confusion if c.min() >= 0 and c.sum() > 0]
+        if not scored:
+            return math.nan
+        final = scored[-1]
+        return float(final.sum(axis=0).max() / final.sum())
+
+    @property
+    def final_loss_ratio(self) -> float:
+        """The final round's training loss over round 1's."""
+        if self.train_loss is None or np.isnan(self.train_loss[[0, -1]]).any():
+            return math.nan
+        return float(self.train_loss[-1] / self.train_loss[0])
+
+    @property
+    def outcome(self) -> str | None:
+        """learned, slow or collapsed (module doc); None where the file cannot tell."""
+        share, ratio = self.final_prediction_share, self.final_loss_ratio
+        if math.isnan(share) or math.isnan(ratio) or math.isnan(self.learned_threshold):
             return None
-        return bool(
-            final <= self.collapse_threshold + _EPS
-            or f1 <= self.majority_macro_f1 + COLLAPSE_F1_MARGIN + _EPS
-        )
+        if share >= COLLAPSE_PREDICTION_SHARE - _EPS and ratio >= COLLAPSE_LOSS_RATIO - _EPS:
+            return "collapsed"
+        return "learned" if self.final_accuracy > self.learned_threshold + _EPS else "slow"
+
+    @property
+    def selected_round(self) -> int | None:
+        """The evaluated round of the highest validation accuracy (the earliest on ties):
+        the round a user would keep without looking at the test set."""
+        if self.val_accuracy is None:
+            return None
+        scored = ~np.isnan(self.val_accuracy)
+        if not scored.any():
+            return None
+        best = np.flatnonzero(scored & (self.val_accuracy >= np.nanmax(self.val_accuracy)))
+        return int(self.rounds[best[0]])
+
+    def at_round(self, values: np.ndarray | None, round_: int | None) -> float:
+        """``values`` (per round) at round ``round_``, NaN where there is none."""
+        if values is None or round_ is None:
+            return math.nan
+        where = np.flatnonzero(self.rounds == round_)
+        return float(values[where[0]]) if where.size else math.nan
 
     def first_round_reaching(self, target: float) -> int | None:
         rounds, acc = self.evaluated()
@@ -278,6 +333,10 @@ def load_run(path: Path) -> Run:
         epsilon=_per_round(data, "privacy/epsilon", n),
         client_accuracy=_clients_that_trained(data, n),
         holdout_accuracy=_per_round(data, "metrics/holdout_accuracy", n),
+        train_loss=_per_round(data, "metrics/train_loss", n),
+        test_confusion=_per_round(data, "metrics/test_confusion", n),
+        val_accuracy=_per_round(data, "metrics/val_accuracy", n),
+        val_majority_rate=float(attrs.get("val_majority_rate", math.nan)),
     )
 
 
@@ -308,8 +367,8 @@ def mean_and_ci95(values: list[float]) -> tuple[float, float]:
     x = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if x.size == 0:
         return math.nan, math.nan
-    if x.size == 1:
-        return float(x[0]), math.nan
+    if x.size == 1 or not np.isfinite(x).all():  # one value, or inf (no DP noise)
+        return float(x.mean()), math.nan
     from scipy.stats import t
 
     half = t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
@@ -318,22 +377,33 @@ def mean_and_ci95(values: list[float]) -> tuple[float, float]:
 
 @dataclass
 class Group:
-    """The runs of one configuration that differ only in ``--seed``."""
+    """The finished runs of one configuration that differ only in ``--seed``; runs of it
+    that stopped before their last round are kept apart in ``unfinished``, never averaged."""
 
     runs: list[Run]
     setting: str = ""  # the configuration keys that tell this group from others
-    warnings: list[str] = field(default_factory=list)
+    unfinished: list[Run] = field(default_factory=list)
 
     @property
     def first(self) -> Run:
         return self.runs[0]
 
     @property
-    def seeds(self) -> list[int]:
-        return sorted(r.seed for r in self.runs)
+    def arm(self) -> str:
+        """A short name: clients x batch, the learning rate, and the rest of the setting."""
+        run = self.first
+        name = f"{run.clients}x{run.config.get('batch_size')} lr {run.config.get('lr'):g}"
+        return name + (f" ({self.setting})" if self.setting else "")
 
     def stat(self, value) -> tuple[float, float]:
         return mean_and_ci95([value(r) for r in self.runs])
+
+    def outcomes(self) -> dict[str, int] | None:
+        """How many seeds ended in each outcome; None if any run cannot tell."""
+        found = [r.outcome for r in self.runs]
+        if None in found:
+            return None
+        return {name: found.count(name) for name in OUTCOMES}
 
     def curve(self, values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rounds, mean, ci95) per round over the seeds, of ``values(run)`` (per-round
@@ -350,8 +420,9 @@ class Group:
 
 def group_runs(runs: list[Run], warn) -> list[Group]:
     """Runs with the same configuration but the seed are one group; a second run of the
-    same configuration *and* seed replaces the older one (with a warning), and groups
-    whose runs were scored on different test sets are flagged."""
+    same configuration *and* seed replaces the older one (with a warning); unfinished runs
+    are kept apart (with a warning), and groups whose runs were scored on different test
+    sets are flagged."""
     by_key: dict[str, dict[int, Run]] = {}
     for run in runs:
         seeds = by_key.setdefault(run.group_key(), {})
@@ -363,20 +434,38 @@ def group_runs(runs: list[Run], warn) -> list[Group]:
             )
             run = new
         seeds[run.seed] = run
-    groups = [Group(sorted(s.values(), key=lambda r: r.seed)) for s in by_key.values()]
+    groups = []
+    for seeds in by_key.values():
+        ordered = sorted(seeds.values(), key=lambda r: r.seed)
+        done = [r for r in ordered if r.finished]
+        for run in ordered:
+            if not run.finished:
+                warn(
+                    f"{run.path}: stopped after round {int(run.rounds[-1])} of "
+                    f"{run.config.get('rounds')}: left out of its group's statistics"
+                )
+        if done:
+            groups.append(Group(done, unfinished=[r for r in ordered if not r.finished]))
     varying = _varying_keys([g.first for g in groups])
     for group in groups:
         group.setting = ", ".join(
             f"{k}={group.first.config.get(k)}" for k in varying if k not in OWN_COLUMNS
         )
         if len({r.test_sha256 for r in group.runs}) > 1:
-            group.warnings.append("seeds scored on different test sets")
             warn(
-                f"{group.first.model}/{group.first.dataset}/{group.first.clients} clients: "
+                f"{group.first.model}/{group.first.dataset}/{group.arm}: "
                 "its seeds were scored on different test sets (test_sha256 differs)"
             )
     return sorted(
-        groups, key=lambda g: (g.first.model, g.first.dataset, g.setting, g.first.clients)
+        groups,
+        key=lambda g: (
+            g.first.model,
+            g.first.dataset,
+            g.setting,
+            g.first.clients,
+            g.first.config.get("batch_size", 0),
+            g.first.config.get("lr", 0),
+        ),
     )
 
 

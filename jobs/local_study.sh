@@ -23,7 +23,8 @@
 #   ROUNDS [20]   TRAIN_SAMPLES [640]   VAL_SAMPLES [300]   TEST_SAMPLES [1000]
 #   EVAL_EVERY [2]   MAX_SEQ_LEN [64], with --group-by-length, --diagnostics norms
 #   PILOT [0]: 1 runs the pilot instead: SEEDS 0 (no seed of the main study), LRS
-#     "3e-5 1e-4 3e-4", ROUNDS 10, OUT_ROOT study/pilot/runs, REPORT study/pilot/report
+#     "3e-5 1e-4 3e-4", ARMS "1x8 16x8 1x128" (the extremes and the control), ROUNDS 10,
+#     OUT_ROOT study/pilot/runs, REPORT study/pilot/report
 #   JOBS [2]: runs at once, each one MPI rank with one torch thread (results do not depend
 #     on -np: tests/test_algorithms_mpi.py)
 #   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-b<B>-lr<LR>-s<seed>
@@ -41,13 +42,13 @@ source jobs/common.sh
 
 pilot=${PILOT:-0}
 if [[ "$pilot" == 1 ]]; then
-    defaults=(0 "3e-5 1e-4 3e-4" 10 study/pilot/runs study/pilot/report)
+    defaults=(0 "3e-5 1e-4 3e-4" 10 study/pilot/runs study/pilot/report "1x8 16x8 1x128")
 else
-    defaults=("1 2 3 4 5" 5e-5 20 study/runs study/report)
+    defaults=("1 2 3 4 5" 5e-5 20 study/runs study/report "1x8 4x8 16x8 1x128")
 fi
 read -r -a models <<<"${MODELS:-minilm}"
 read -r -a tasks <<<"${TASKS:-rotten_tomatoes}"
-read -r -a arms <<<"${ARMS:-1x8 4x8 16x8 1x128}"
+read -r -a arms <<<"${ARMS:-${defaults[5]}}"
 read -r -a seeds <<<"${SEEDS:-${defaults[0]}}"
 read -r -a lrs <<<"${LRS:-${defaults[1]}}"
 rounds=${ROUNDS:-${defaults[2]}}

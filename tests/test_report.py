@@ -37,12 +37,14 @@ def write_results(
     diagnostics: bool = False,
     lr: float = 5e-5,
     test_sha256: str = "same-test-set",
+    rounds: int | None = None,
 ) -> Path:
     """A results file as fedmpi writes it, through ``ResultsWriter`` itself."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = Config(
-        model=model, dataset="toy", clients=clients, rounds=len(accuracy), seed=seed, lr=lr
-    )
+        model=model, dataset="toy", clients=clients, rounds=rounds or len(accuracy), seed=seed,
+        lr=lr,
+    )  # fmt: skip
     attrs = {
         "config": cfg.to_json(),
         "label_names": json.dumps(LABELS),
@@ -62,6 +64,8 @@ def write_results(
             "clients/cohort": np.ones(clients, dtype=np.int8),
             "metrics/test_accuracy": acc,
             "metrics/test_macro_f1": score,
+            "metrics/train_loss": 1.0 / (i + 1),
+            "metrics/test_confusion": confusion_for(acc),
             "comm/payload_bytes": 1000,
             "timing/round_s": 2.0,
         }
@@ -73,6 +77,19 @@ def write_results(
             row["diagnostics/global_update_norm"] = rng.uniform(0.1, 1.0)
         writer.append(row)
     return path
+
+
+def confusion_for(accuracy: float, n: int = 400) -> np.ndarray:
+    """A 4-class confusion matrix of ``n`` examples, majority class 0 at MAJORITY, with
+    ``accuracy`` right: the right ones spread over the classes, the rest predicted as the
+    next class."""
+    support = np.array([MAJORITY, 0.2, 0.2, 0.2]) * n
+    right = np.floor(support * accuracy).astype(int)
+    right[0] += round(accuracy * n) - right.sum()
+    confusion = np.diag(right)
+    for c in range(4):
+        confusion[c, (c + 1) % 4] = support[c] - right[c]
+    return confusion.astype(np.int64)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -123,13 +140,14 @@ def test_seeds_are_grouped_with_hand_computed_intervals(study, tmp_path, capsys)
     assert float(four["rounds_to_reach"]) == 3.0 and four["reached"] == "3/3"
     one = row_of(rows, "m", 1)
     assert float(one["rounds_to_reach"]) == pytest.approx(2.0) and one["reached"] == "3/3"
-    assert float(four["majority_rate"]) == MAJORITY and four["collapsed"] == "0/3"
+    assert float(four["majority_rate"]) == MAJORITY and four["learned"] == "3/3"
+    assert four["slow"] == four["collapsed"] == "0/3" and four["unfinished"] == "0"
     # Bytes: 1000 per client per round; 4 clients x 3 rounds.
     assert float(four["bytes_per_client_round"]) == 1000
     assert float(four["bytes_total"]) == 12000 and float(four["seconds_per_round"]) == 2.0
     assert four["runs"] == "m-4c-s1/results.h5;m-4c-s2/results.h5;m-4c-s3/results.h5"
     markdown = (out / "summary.md").read_text()
-    assert "| m | toy | 4 |  | 3 | 0.400 | 0.833 ± 0.076 |" in markdown
+    assert "| m | toy | 4x16 lr 5e-05 | 3 | 0.400 | 0.833 ± 0.076 |" in markdown
     figures = {p.name for p in out.glob("*.png")}
     assert figures == {"accuracy_m_toy.png", "final_accuracy_toy.png", "diagnostics_m_toy.png"}
     for name in figures:
@@ -158,44 +176,122 @@ def test_distinct_configurations_are_distinct_rows_and_nothing_is_dropped(tmp_pa
     err = capsys.readouterr().err
     assert "two runs of one configuration and seed 1" in err
     assert "different test sets" in err
+    assert "different test sets" in (out / "summary.md").read_text()  # not only on stderr
     rows = read_csv(out / "summary.csv")
-    assert {r["setting"] for r in rows} == {"lr=5e-05", "lr=0.0001"}
-    assert row_of(rows, "m", 2, "lr=0.0001")["seeds"] == "2"
-    assert row_of(rows, "m", 2, "lr=0.0001")["reached"] == ""  # no 1-client run to compare
+    assert sorted(r["lr"] for r in rows) == ["0.0001", "5e-05"]
+    (fast,) = [r for r in rows if r["lr"] == "0.0001"]
+    assert fast["seeds"] == "2" and fast["reached"] == ""  # no 1-client run to compare
 
 
-def run_with(final_accuracy: float, final_f1: float) -> Run:
+def run_with(final_accuracy: float, predicted_share: float, loss_ratio: float) -> Run:
+    """A two-round run whose final round scores ``final_accuracy`` with ``predicted_share``
+    of its 400 predictions in class 0 and a training loss ``loss_ratio`` x round 1's."""
+    final = np.zeros((4, 4))
+    final[0, 0], final[1, 1] = 400 * predicted_share, 400 * (1 - predicted_share)
     return Run(
         Path("x"),
-        {"model": "m", "dataset": "d", "clients": 2, "seed": 1},
+        {"model": "m", "dataset": "d", "clients": 2, "seed": 1, "rounds": 2},
         classes=4,
         rounds=np.array([1, 2]),
         accuracy=np.array([0.5, final_accuracy]),
-        macro_f1=np.array([0.5, final_f1]),
+        macro_f1=np.array([0.5, 0.5]),
         majority_rate=MAJORITY,
-        majority_macro_f1=2 * MAJORITY / (1 + MAJORITY) / 4,  # 0.142857
         test_examples=400,
+        train_loss=np.array([1.2, 1.2 * loss_ratio]),
+        test_confusion=np.stack([np.full((4, 4), -1.0), final]),
     )
 
 
 @pytest.mark.parametrize(
-    ("accuracy", "f1", "collapsed"),
+    ("accuracy", "share", "loss_ratio", "outcome"),
     [
-        (0.40, 0.142857, True),  # exactly a constant predictor of the majority class
-        (0.44, 0.30, True),  # better than majority, but within two standard errors
-        (0.46, 0.30, False),  # 0.46 > 0.40 + 0.049: significantly better
-        (0.70, 0.15, True),  # accurate, yet macro-F1 at a constant predictor's level
-        (0.25, 0.10, True),  # chance level 1/4 is below the majority rate: collapsed
+        (0.40, 1.00, 1.00, "collapsed"),  # one class predicted, loss did not fall
+        (0.40, 0.95, 0.95, "collapsed"),  # both at their bounds
+        (0.40, 1.00, 0.90, "slow"),  # one class, but the loss fell: still training
+        (0.40, 0.90, 1.00, "slow"),  # loss flat, but predictions spread over classes
+        (0.44, 0.60, 0.50, "slow"),  # better than majority, within two standard errors
+        (0.46, 0.60, 0.50, "learned"),  # 0.46 > 0.40 + 2 sqrt(0.4 * 0.6 / 400) = 0.449
+        (0.46, 0.96, 0.97, "collapsed"),  # collapse takes precedence
     ],
 )
-def test_collapse_rule(accuracy, f1, collapsed):
-    assert run_with(accuracy, f1).collapsed is collapsed
+def test_outcome_rules(accuracy, share, loss_ratio, outcome):
+    run = run_with(accuracy, share, loss_ratio)
+    assert run.final_prediction_share == pytest.approx(share)
+    assert run.outcome == outcome
 
 
-def test_collapse_is_unknown_without_baselines():
-    run = run_with(0.9, 0.9)
+def test_outcome_is_unknown_without_confusion_or_baselines():
+    run = run_with(0.9, 0.5, 0.5)
+    run.test_confusion = None
+    assert run.outcome is None
+    run = run_with(0.9, 0.5, 0.5)
     run.majority_rate = NAN
-    assert run.collapsed is None
+    assert run.outcome is None
+
+
+def test_validation_selects_the_round_and_the_test_accuracy_there(tmp_path):
+    path = write_results(tmp_path / "run", "m", 2, [0.5, 0.7, 0.6, 0.65])
+    with h5py.File(path / RESULTS_NAME, "a") as f:
+        f.create_dataset("metrics/val_accuracy", data=[0.55, 0.6, 0.62, 0.62])
+        f["metrics/val_accuracy"].attrs["per_round"] = 1
+    run = load_run(path / RESULTS_NAME)
+    assert run.selected_round == 3  # the earliest of the tied best
+    assert run.at_round(run.accuracy, run.selected_round) == 0.6
+
+
+def test_an_unfinished_seed_is_kept_apart_and_said(tmp_path, capsys):
+    write_results(tmp_path / "s1", "m", 2, [0.5, 0.7, 0.8], seed=1)
+    write_results(tmp_path / "s2", "m", 2, [0.5, 0.9, 0.9], seed=2)
+    write_results(tmp_path / "s3", "m", 2, [0.3], seed=3, rounds=3)  # died after round 1
+    out = tmp_path / "report"
+    assert main([str(tmp_path), "--out", str(out)]) == 0
+    assert "stopped after round 1 of 3" in capsys.readouterr().err
+    (row,) = read_csv(out / "summary.csv")
+    assert row["seeds"] == "2" and row["unfinished"] == "1"
+    assert float(row["final_accuracy"]) == pytest.approx(0.85)  # s3's 0.3 not averaged in
+    assert "stopped after round 1 of 3" in (out / "summary.md").read_text()
+
+
+def test_comparisons_are_exact_permutation_tests_holm_adjusted(tmp_path):
+    """Against scipy's exact permutation test and Holm's procedure written out by hand."""
+    from scipy.stats import permutation_test, ttest_ind
+
+    finals = {1: [0.80, 0.82, 0.85, 0.81, 0.83], 4: [0.70, 0.74, 0.72, 0.69, 0.75],
+              16: [0.60, 0.84, 0.58, 0.79, 0.62]}  # fmt: skip
+    for clients, values in finals.items():
+        for seed, final in enumerate(values, start=1):
+            write_results(tmp_path / f"k{clients}-s{seed}", "m", clients, [0.5, final], seed)
+    out = tmp_path / "report"
+    assert main([str(tmp_path), "--out", str(out)]) == 0
+    rows = read_csv(out / "comparisons.csv")
+    assert [(r["a"], r["b"]) for r in rows] == [
+        ("1x16 lr 5e-05", "4x16 lr 5e-05"),
+        ("1x16 lr 5e-05", "16x16 lr 5e-05"),
+        ("4x16 lr 5e-05", "16x16 lr 5e-05"),
+    ]
+    pairs = [(1, 4), (1, 16), (4, 16)]
+    p = []
+    for row, (a, b) in zip(rows, pairs, strict=True):
+        x, y = finals[a], finals[b]
+        exact = permutation_test(
+            (x, y), lambda u, v: np.mean(u) - np.mean(v), permutation_type="independent",
+            n_resamples=np.inf, alternative="two-sided",
+        ).pvalue  # fmt: skip
+        assert float(row["p"]) == pytest.approx(exact, abs=1e-6)
+        assert float(row["difference"]) == pytest.approx(np.mean(x) - np.mean(y), abs=1e-6)
+        welch = ttest_ind(x, y, equal_var=False).confidence_interval(0.95)
+        assert float(row["low"]) == pytest.approx(welch.low, abs=1e-6)
+        assert float(row["high"]) == pytest.approx(welch.high, abs=1e-6)
+        p.append(exact)
+    order = np.argsort(p)  # Holm: the k-th smallest times (m - k), kept monotone
+    holm = np.empty(3)
+    running = 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (3 - k) * p[i]))
+        holm[i] = running
+    assert [float(r["p_holm"]) for r in rows] == pytest.approx(holm, abs=1e-6)
+    assert float(rows[0]["p"]) == pytest.approx(2 / 252, abs=1e-6)  # every 1 above every 4
+    assert "## Comparisons" in (out / "summary.md").read_text()
 
 
 def test_mean_cosine_ignores_unsampled_clients(tmp_path):
