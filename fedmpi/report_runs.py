@@ -15,7 +15,8 @@ round):
   errors above what a constant predictor of the majority class scores.
 * **slow**: neither: it trains, but is not yet clear of the majority band.
 
-Runs written before confusion matrices were recorded have no outcome (shown empty).
+Runs written before confusion matrices were recorded have an outcome only where their
+training loss fell (then they cannot have collapsed); otherwise none (shown empty).
 """
 
 from __future__ import annotations
@@ -170,10 +171,13 @@ class Run:
     def outcome(self) -> str | None:
         """learned, slow or collapsed (module doc); None where the file cannot tell."""
         share, ratio = self.final_prediction_share, self.final_loss_ratio
-        if math.isnan(share) or math.isnan(ratio) or math.isnan(self.learned_threshold):
+        if math.isnan(ratio) or math.isnan(self.learned_threshold):
             return None
-        if share >= COLLAPSE_PREDICTION_SHARE - _EPS and ratio >= COLLAPSE_LOSS_RATIO - _EPS:
-            return "collapsed"
+        if ratio >= COLLAPSE_LOSS_RATIO - _EPS:  # the loss did not fall: look at predictions
+            if math.isnan(share):  # a file from before confusion matrices were recorded
+                return None
+            if share >= COLLAPSE_PREDICTION_SHARE - _EPS:
+                return "collapsed"
         return "learned" if self.final_accuracy > self.learned_threshold + _EPS else "slow"
 
     @property

@@ -25,3 +25,40 @@ def test_committed_runs_regenerate_the_committed_summary(runs, report, tmp_path)
     )
     expected = (ROOT / report / "summary.csv").read_bytes()
     assert (tmp_path / "summary.csv").read_bytes() == expected
+
+
+def _outcome_from_file(path: Path) -> str:
+    """The outcome rules of docs/study.md, written out again on the raw datasets."""
+    import json
+    import math
+
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as f:
+        accuracy = f["metrics/test_accuracy"][()]
+        loss = f["metrics/train_loss"][()]
+        m, n = float(f.attrs["majority_rate"]), int(f.attrs["test_examples"])
+        confusion = f["metrics/test_confusion"][()] if "metrics/test_confusion" in f else None
+        assert len(accuracy) == json.loads(f.attrs["config"])["rounds"]
+    last = np.flatnonzero(~np.isnan(accuracy))[-1]
+    if loss[-1] >= 0.95 * loss[0]:
+        if confusion is None:
+            return ""
+        final = confusion[last]
+        if final.sum(axis=0).max() >= 0.95 * final.sum():
+            return "collapsed"
+    return "learned" if accuracy[last] > m + 2 * math.sqrt(m * (1 - m) / n) else "slow"
+
+
+@pytest.mark.parametrize(("runs", "report"), STUDIES)
+def test_outcome_counts_match_a_recomputation_from_the_files(runs, report):
+    import csv
+
+    with open(ROOT / report / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        found = [_outcome_from_file(ROOT / runs / p) for p in row["runs"].split(";")]
+        for name in ("learned", "slow", "collapsed"):
+            expected = "" if "" in found else f"{found.count(name)}/{len(found)}"
+            assert row[name] == expected, (row["runs"], name)

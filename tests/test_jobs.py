@@ -61,9 +61,20 @@ def bash(script: str, env: dict[str, str] | None = None, timeout: float = 60):
     )
 
 
-def test_the_scripts_exist():
-    names = {p.name for p in SCRIPTS}
-    assert {"run.sbatch", "paper_grid.sbatch", "local_study.sh", "common.sh"} <= names
+def jobs_named(paths: list[Path]) -> set[str]:
+    """The ``jobs/NAME`` paths that these files' text names (a sentence's full stop cut)."""
+    return {m.rstrip(".") for p in paths for m in re.findall(r"\bjobs/[\w.-]+", p.read_text())}
+
+
+def test_the_scripts_named_anywhere_exist_and_each_script_is_documented():
+    """Every ``jobs/...`` path the docs, the Makefile and the scripts name is a script here,
+    and every script here is named in the README or docs/: the tests below cover what users
+    are told to run, and nothing users are told to run is missing."""
+    docs = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    named = jobs_named([*docs, REPO / "Makefile", *SCRIPTS])
+    scripts = {f"jobs/{p.name}" for p in SCRIPTS}
+    assert named <= scripts, f"named, but not in jobs/: {sorted(named - scripts)}"
+    assert scripts <= jobs_named(docs), f"undocumented: {sorted(scripts - jobs_named(docs))}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -224,37 +235,38 @@ def test_submit_script_sizes_each_block_to_its_clients():
 
 
 def test_local_study_commands():
+    """The committed design (docs/study.md): 4 arms x 5 seeds on the same data, with the
+    arm's clients and batch, validation, and resumable runs; the pilot uses seed 0 only."""
     result = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1"})
     assert result.returncode == 0, result.stderr
     *runs, report = [shlex.split(line) for line in result.stdout.splitlines()]
-    assert len(runs) == (2 * 5 + 1 * 3) * 3  # mpnet: rotten_tomatoes at 1, 4, 16 clients
     seen = set()
     for command in runs:
         assert command[0].endswith("mpiexec") and command[4:6] == ["-m", "fedmpi"]
-        model, task = flag(command, "--model"), flag(command, "--dataset")
-        clients, seed = int(flag(command, "--clients")), int(flag(command, "--seed"))
-        seen.add((model, task, clients, seed))
+        clients, batch = int(flag(command, "--clients")), int(flag(command, "--batch-size"))
+        seed, lr = int(flag(command, "--seed")), flag(command, "--lr")
+        seen.add((clients, batch, seed))
         assert flag(command, "-n") == "1" and flag(command, "--data-seed") == "0"
-        assert flag(command, "--output") == f"study/runs/{model}-{task}-{clients}c-s{seed}"
-        assert flag(command, "--lr") == ("5e-5" if model == "mpnet" else "1e-4")
-        assert flag(command, "--train-samples") == "160"  # the total, whatever the clients
+        assert flag(command, "--output") == (
+            f"study/runs/minilm-rotten_tomatoes-{clients}c-b{batch}-lr{lr}-s{seed}"
+        )
+        assert flag(command, "--train-samples") == "640"  # the total, whatever the clients
+        assert flag(command, "--val-samples") == "300" and flag(command, "--rounds") == "20"
         assert flag(command, "--checkpoint-every") == "1"  # resumable at every round
-    assert seen == set(
-        itertools.product(["minilm"], ["rotten_tomatoes", "tweets"], [1, 2, 4, 8, 16], [1, 2, 3])
-    ) | set(itertools.product(["mpnet"], ["rotten_tomatoes"], [1, 4, 16], [1, 2, 3]))
+    arms = {(1, 8), (4, 8), (16, 8), (1, 128)}  # 1x128: 16 x 8 examples a step, centralized
+    assert seen == {(k, b, s) for k, b in arms for s in range(1, 6)}
     assert [int(flag(c, "--seed")) for c in runs] == sorted(int(flag(c, "--seed")) for c in runs)
     assert report[1:] == ["-m", "fedmpi.report", "study/runs", "--output", "study/report"]
 
+    pilot = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "PILOT": "1"})
+    *runs, report = [shlex.split(line) for line in pilot.stdout.splitlines()]
+    assert {flag(c, "--seed") for c in runs} == {"0"}  # no seed of the main study
+    assert len({flag(c, "--lr") for c in runs}) == 3 and len(runs) == 9
+    assert report[-1] == "study/pilot/report"
+
     small = bash(
         "bash jobs/local_study.sh",
-        env={
-            "FEDMPI_STUDY_DRY_RUN": "1",
-            "MODELS": "minilm",
-            "TASKS": "tweets",
-            "CLIENTS": "1 16",
-            "SEEDS": "7",
-            "ROUNDS": "2",
-        },
+        env={"FEDMPI_STUDY_DRY_RUN": "1", "ARMS": "1x8 16x8", "SEEDS": "7", "ROUNDS": "2"},
     )
     commands = [shlex.split(line) for line in small.stdout.splitlines()[:-1]]
     assert [flag(c, "--clients") for c in commands] == ["1", "16"]
@@ -494,9 +506,9 @@ def test_local_study_resumes_skips_and_cleans_up(tmp_path):
     log = tmp_path / "log"
     root = tmp_path / "runs"
     for name, files in (
-        ("minilm-tweets-1c-s1", ["results.h5", "checkpoint.h5"]),
-        ("minilm-tweets-2c-s1", ["results.h5"]),
-        ("minilm-tweets-4c-s1", ["results.h5", "fedmpi.done"]),
+        ("minilm-tweets-1c-b8-lr5e-5-s1", ["results.h5", "checkpoint.h5"]),
+        ("minilm-tweets-2c-b8-lr5e-5-s1", ["results.h5"]),
+        ("minilm-tweets-4c-b8-lr5e-5-s1", ["results.h5", "fedmpi.done"]),
     ):
         (root / name).mkdir(parents=True)
         for file in files:
@@ -510,7 +522,7 @@ def test_local_study_resumes_skips_and_cleans_up(tmp_path):
             "OUT_ROOT": str(root),
             "MODELS": "minilm",
             "TASKS": "tweets",
-            "CLIENTS": "1 2 4",
+            "ARMS": "1x8 2x8 4x8",
             "SEEDS": "1",
         },
     )
@@ -521,5 +533,5 @@ def test_local_study_resumes_skips_and_cleans_up(tmp_path):
     assert "--overwrite" not in commands["1"]  # resumes from its checkpoint
     assert commands["2"][-1] == "--overwrite"  # nothing to resume from: start over
     for clients in ("1", "2"):
-        run = root / f"minilm-tweets-{clients}c-s1"
+        run = root / f"minilm-tweets-{clients}c-b8-lr5e-5-s1"
         assert (run / "fedmpi.done").exists() and not (run / "checkpoint.h5").exists()

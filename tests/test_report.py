@@ -221,9 +221,12 @@ def test_outcome_rules(accuracy, share, loss_ratio, outcome):
 
 
 def test_outcome_is_unknown_without_confusion_or_baselines():
-    run = run_with(0.9, 0.5, 0.5)
-    run.test_confusion = None
+    run = run_with(0.9, 0.5, 1.0)
+    run.test_confusion = None  # an old file, and the loss did not fall: cannot tell
     assert run.outcome is None
+    run = run_with(0.9, 0.5, 0.5)
+    run.test_confusion = None  # the loss fell: not collapsed, whatever it predicts
+    assert run.outcome == "learned"
     run = run_with(0.9, 0.5, 0.5)
     run.majority_rate = NAN
     assert run.outcome is None
