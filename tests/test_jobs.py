@@ -31,10 +31,14 @@ SBATCH = sorted(JOBS.glob("*.sbatch"))
 MODELS = ["bert", "albert", "distilbert"]
 TASKS = ["imdb", "yelp_review_full", "ag_news", "spooky"]
 CLIENTS = [1, 2, 4, 8, 16, 32]
+# The grid's arms (clients, batch), one block each: the client counts at the paper's batch
+# 32, then the centralized control, 1 client at 32 x 32 (one local step of each of 32).
+ARMS = [(k, 32) for k in CLIENTS] + [(1, 32 * 32)]
+SEEDS3 = [1, 2, 3]
+GRID = len(MODELS) * len(TASKS) * len(ARMS) * len(SEEDS3)  # 252
 PAPER_FLAGS = {
     "--optimizer": "sgd",
     "--lr": "2e-5",
-    "--batch-size": "32",
     "--max-seq-len": "128",
     "--local-epochs": "2",
     "--partition": "iid",
@@ -45,7 +49,7 @@ PAPER_FLAGS = {
 SETTINGS = re.compile(
     r"SLURM_.*|FEDMPI_.*|PAPER_OUT|OUT_ROOT|MODELS|TASKS|CLIENTS|ROUNDS|TRAIN_SAMPLES|"
     r"TEST_SAMPLES|MAX_SEQ_LEN|LOCAL_EPOCHS|BATCH_SIZE|LR|MAX_RANKS|GPUS_PER_NODE|"
-    r"CHECKPOINT_EVERY|SEEDS|JOBS|RANKS|REPORT"
+    r"CHECKPOINT_EVERY|SEEDS|JOBS|RANKS|REPORT|VAL_SAMPLES|CONTROL_LR"
 )
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not SETTINGS.fullmatch(k)}
 
@@ -134,7 +138,8 @@ def test_run_sbatch_header():
 
 def test_paper_grid_header():
     header = sbatch_header(JOBS / "paper_grid.sbatch")
-    assert header["--array"] == "0-215"  # 72 combinations x 3 seeds
+    assert GRID == 252
+    assert header["--array"] == "0-251"  # 84 combinations (72 + 12 controls) x 3 seeds
     assert int(header["--ntasks"]) == max(CLIENTS)  # the largest run's ranks
 
 
@@ -153,10 +158,10 @@ def flag(command: list[str], name: str) -> str:
 
 
 def test_paper_grid_covers_every_combination_once():
-    commands = dry_run_commands(range(216))
-    assert len(commands) == 216
-    seen = []
-    for command in commands:
+    commands = dry_run_commands(range(GRID))
+    assert len(commands) == GRID
+    seen, outputs = [], set()
+    for index, command in enumerate(commands):
         assert command[:2] == ["srun", "--kill-on-bad-exit=1"]
         assert command[command.index("python") : command.index("python") + 3] == [
             "python",
@@ -165,42 +170,62 @@ def test_paper_grid_covers_every_combination_once():
         ]
         model, task = flag(command, "--model"), flag(command, "--dataset")
         clients, seed = int(flag(command, "--clients")), int(flag(command, "--seed"))
-        seen.append((model, task, clients, seed))
+        batch = int(flag(command, "--batch-size"))
+        seen.append((model, task, (clients, batch), seed))
+        assert (clients, batch) == ARMS[index // (12 * len(SEEDS3))]  # one block per arm
         assert int(flag(command, "-n")) == clients  # 32 tasks: every run gets its clients
         assert int(flag(command, "-N")) == -(-clients // 4)  # nodes of 4 tasks
-        assert flag(command, "--output") == f"runs/paper/{model}-{task}-{clients}c-s{seed}"
+        # The existing runs keep their names; the control's differs from the 1-client run's.
+        name = f"{model}-{task}-{clients}c" + ("" if batch == 32 else f"-b{batch}")
+        assert flag(command, "--output") == f"runs/paper/{name}-s{seed}"
+        outputs.add(flag(command, "--output"))
         assert flag(command, "--data-seed") == "0"  # the same data for every seed
         for name, value in PAPER_FLAGS.items():
-            assert flag(command, name) == value
+            assert flag(command, name) == value  # the control too: lr 2e-5 (CONTROL_LR)
         assert flag(command, "--checkpoint-every") == "1"  # a node failure loses <= 1 round
         assert "--overwrite" not in command
-        assert int(flag(command, "--train-samples")) % max(CLIENTS) == 0  # equal shards
-    assert sorted(seen) == sorted(itertools.product(MODELS, TASKS, CLIENTS, [1, 2, 3]))
-    assert len(set(seen)) == 216
+        # Equal shards at 32 clients, whole steps of 32 in each, so that every control step
+        # is one local step of each of the 32 clients.
+        assert int(flag(command, "--train-samples")) % (32 * 32) == 0
+        # Validation in every run, held out of the training side: fewer than Spooky's
+        # 15,663 training rows, the smallest task's.
+        assert int(flag(command, "--val-samples")) == 2000
+    assert sorted(seen) == sorted(itertools.product(MODELS, TASKS, ARMS, SEEDS3))
+    assert len(set(seen)) == len(outputs) == GRID == 252
 
 
 def test_paper_grid_blocks_and_decode_function():
     # The sourced script only defines functions; clients vary slowest (12 per block).
     result = bash(
-        "source jobs/paper_grid.sbatch; for i in 0 1 4 11 12 35 36 108 215; do grid_decode $i; done"
+        "source jobs/paper_grid.sbatch;"
+        " for i in 0 1 4 11 12 35 36 108 215 216 217 251; do grid_decode $i; done"
     )
     assert result.returncode == 0, result.stderr
+    # MODEL TASK CLIENTS SEED BATCH: blocks 0-5 as before the control, which is block 6.
     assert result.stdout.splitlines() == [
-        "bert imdb 1 1",
-        "bert yelp_review_full 1 1",
-        "albert imdb 1 1",
-        "distilbert spooky 1 1",
-        "bert imdb 1 2",
-        "distilbert spooky 1 3",
-        "bert imdb 2 1",
-        "bert imdb 8 1",
-        "distilbert spooky 32 3",
+        "bert imdb 1 1 32",
+        "bert yelp_review_full 1 1 32",
+        "albert imdb 1 1 32",
+        "distilbert spooky 1 1 32",
+        "bert imdb 1 2 32",
+        "distilbert spooky 1 3 32",
+        "bert imdb 2 1 32",
+        "bert imdb 8 1 32",
+        "distilbert spooky 32 3 32",
+        "bert imdb 1 1 1024",
+        "bert yelp_review_full 1 1 1024",
+        "distilbert spooky 1 3 1024",
     ]
-    five = bash("source jobs/paper_grid.sbatch; grid_decode 359", env={"SEEDS": "1 2 3 4 5"})
-    assert five.stdout.split() == ["distilbert", "spooky", "32", "5"]
-    for bad in ("216", "-1", "x"):
+    seeds5 = {"SEEDS": "1 2 3 4 5"}  # 12 * 5 * 7 = 420 runs
+    five = bash("source jobs/paper_grid.sbatch; grid_decode 359; grid_decode 360", env=seeds5)
+    assert five.stdout.splitlines() == ["distilbert spooky 32 5 32", "bert imdb 1 1 1024"]
+    five = bash("source jobs/paper_grid.sbatch; grid_decode 419", env=seeds5)
+    assert five.stdout.split() == ["distilbert", "spooky", "1", "5", "1024"]
+    five = bash("source jobs/paper_grid.sbatch; grid_decode 420", env=seeds5)
+    assert five.returncode == 2 and "array index must be 0..419" in five.stderr
+    for bad in ("252", "-1", "x"):
         result = bash(f"source jobs/paper_grid.sbatch; grid_decode {bad}")
-        assert result.returncode == 2 and "array index must be 0..215" in result.stderr
+        assert result.returncode == 2 and "array index must be 0..251" in result.stderr
 
 
 def test_paper_grid_fewer_tasks_than_clients():
@@ -214,12 +239,48 @@ def test_paper_grid_fewer_tasks_than_clients():
         "8",
         "32",
     )
+    control = bash(
+        "SLURM_ARRAY_TASK_ID=251 bash jobs/paper_grid.sbatch",
+        env={"FEDMPI_GRID_DRY_RUN": "1", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4(x2)"},
+    )
+    command = shlex.split(control.stdout)
+    assert [flag(command, f) for f in ("-N", "-n", "--clients", "--batch-size")] == [
+        "1",
+        "1",
+        "1",
+        "1024",
+    ]
+
+
+def test_paper_grid_control_lr_and_val_samples():
+    """CONTROL_LR sets the control's learning rate only, and a rate other than the paper's
+    2e-5 is in the control's directory name; VAL_SAMPLES reaches every run."""
+    env = {"FEDMPI_GRID_DRY_RUN": "1", "CONTROL_LR": "6.4e-4", "VAL_SAMPLES": "500"}
+    for index, lr, out in (
+        (0, "2e-5", "runs/paper/bert-imdb-1c-s1"),
+        (215, "2e-5", "runs/paper/distilbert-spooky-32c-s3"),
+        (216, "6.4e-4", "runs/paper/bert-imdb-1c-b1024-lr6.4e-4-s1"),
+    ):
+        result = bash(f"SLURM_ARRAY_TASK_ID={index} bash jobs/paper_grid.sbatch", env=env)
+        assert result.returncode == 0, result.stderr
+        command = shlex.split(result.stdout)
+        assert (flag(command, "--lr"), flag(command, "--output")) == (lr, out)
+        assert flag(command, "--val-samples") == "500"
+    same = bash(
+        "SLURM_ARRAY_TASK_ID=216 bash jobs/paper_grid.sbatch",
+        env={"FEDMPI_GRID_DRY_RUN": "1", "CONTROL_LR": "2e-5"},
+    )
+    command = shlex.split(same.stdout)
+    assert (flag(command, "--lr"), flag(command, "--output")) == (
+        "2e-5",
+        "runs/paper/bert-imdb-1c-b1024-s1",
+    )
 
 
 def test_submit_script_sizes_each_block_to_its_clients():
     result = bash("bash jobs/submit_paper_grid.sh --account=x", env={"FEDMPI_GRID_DRY_RUN": "1"})
     assert result.returncode == 0, result.stderr
-    covered = []
+    covered, blocks = [], []
     for line in result.stdout.splitlines():
         command = shlex.split(line)
         assert command[0] == "sbatch" and command[-1] == "jobs/paper_grid.sbatch"
@@ -228,10 +289,13 @@ def test_submit_script_sizes_each_block_to_its_clients():
         first, last = map(int, opts["array"].split("-"))
         covered += range(first, last + 1)
         decoded = bash(f"source jobs/paper_grid.sbatch; grid_decode {first}; grid_decode {last}")
-        clients = {int(line.split()[2]) for line in decoded.stdout.splitlines()}
-        assert clients == {int(opts["ntasks"])}
-        assert opts["ntasks-per-node"] == opts["gpus-per-node"] == str(min(clients.pop(), 4))
-    assert covered == list(range(216))
+        arms = {tuple(map(int, line.split()[2::2])) for line in decoded.stdout.splitlines()}
+        assert len(arms) == 1  # one arm (clients, batch) per array
+        blocks.append(arms.pop())
+        assert blocks[-1][0] == int(opts["ntasks"])
+        assert opts["ntasks-per-node"] == opts["gpus-per-node"] == str(min(blocks[-1][0], 4))
+    assert covered == list(range(252))
+    assert blocks == [(1, 32), (2, 32), (4, 32), (8, 32), (16, 32), (32, 32), (1, 1024)]
 
 
 def test_local_study_commands():
