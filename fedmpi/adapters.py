@@ -44,15 +44,22 @@ def head_modules(model: nn.Module, new_parameters: list[str]) -> list[str]:
 
 
 def apply_lora(model: nn.Module, cfg: Config, new_parameters: list[str]) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters; only adapters and the head stay trainable, in fp32."""
+    """Wrap ``model`` with LoRA adapters; only adapters and the head stay trainable, in fp32.
+
+    The targets and the rank are checked before peft allocates anything: peft silently
+    skips a target name it does not find, and a rank in the millions would allocate
+    adapters until the rank runs out of memory."""
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     model_type = model.config.model_type
-    if cfg.lora_targets:
+    heads = head_modules(model, new_parameters)
+    modules = _adaptable(model, heads)
+    if cfg.lora_targets is not None:
         targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        _check_targets(model_type, modules, targets, heads)
     elif model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        targets = None  # peft's own choice for the architecture
+        targets = list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
     elif model_type in EXTRA_TARGETS:
         targets = EXTRA_TARGETS[model_type]
     else:
@@ -60,13 +67,14 @@ def apply_lora(model: nn.Module, cfg: Config, new_parameters: list[str]) -> nn.M
             f"--peft lora: no default adapter targets for a {model_type!r} model: name the "
             "modules with --lora-targets (e.g. the attention's query and value projections)"
         )
+    _check_rank(modules, targets, cfg.lora_r)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
-        modules_to_save=head_modules(model, new_parameters),
+        modules_to_save=heads,
     )
     try:
         wrapped = get_peft_model(model, config)
@@ -78,6 +86,66 @@ def apply_lora(model: nn.Module, cfg: Config, new_parameters: list[str]) -> nn.M
         if param.requires_grad:
             param.data = param.data.float()  # fp32 master weights, whatever the base's dtype
     return wrapped
+
+
+def _adaptable(model: nn.Module, heads: list[str]) -> dict[str, nn.Module]:
+    """The modules peft may put adapters on, by name: all but the head's (which trains
+    whole, and which peft never adapts)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name and not any(part in heads for part in name.split("."))
+    }
+
+
+def _targeted(modules: dict[str, nn.Module], target: str) -> list[str]:
+    """The modules a target name selects, matched as peft matches a list of names: the
+    whole name, or its last dotted parts (``query``, ``attention.self.query``)."""
+    return [name for name in modules if name == target or name.endswith(f".{target}")]
+
+
+def _check_targets(
+    model_type: str, modules: dict[str, nn.Module], targets: list[str], heads: list[str]
+) -> None:
+    """Every ``--lora-targets`` name must select a module: peft adapts the names it finds
+    and silently skips the others, so a typo would train less than asked."""
+    missing = [t for t in targets if not _targeted(modules, t)]
+    if targets and not missing:
+        return
+    layers = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if _is_matrix(m)})
+    what = f"{', '.join(missing)}: no such module in" if missing else "names no module of"
+    raise UsageError(
+        f"--lora-targets {what} this {model_type} model; its layers outside the head "
+        f"({', '.join(heads)}, which trains whole): {', '.join(layers)}"
+    )
+
+
+def _check_rank(modules: dict[str, nn.Module], targets: list[str], rank: int) -> None:
+    """Refuse a rank above the narrowest adapted layer's width: B A has rank at most
+    min(in, out), so more rank only adds parameters to average, never capacity."""
+    widths = {
+        name: min(modules[name].weight.shape)
+        for target in targets
+        for name in _targeted(modules, target)
+        if _is_matrix(modules[name])
+    }
+    if not widths:
+        return  # nothing LoRA can adapt: peft refuses the targets with its own message
+    narrowest = min(widths, key=widths.get)
+    if rank > widths[narrowest]:
+        raise UsageError(
+            f"--lora-r {rank} exceeds the width of the adapted layers ({narrowest}: "
+            f"{widths[narrowest]}): use at most {widths[narrowest]}"
+        )
+
+
+def _is_matrix(module: nn.Module) -> bool:
+    """A layer with one weight matrix that LoRA adapts: linear (GPT-2's Conv1D included)
+    or embedding; its width, the smaller side of the matrix."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(module, nn.Linear | nn.Embedding) or type(module).__name__ == "Conv1D") and (
+        isinstance(weight, torch.Tensor) and weight.dim() == 2
+    )
 
 
 def describe(model: nn.Module) -> tuple[int, int]:

@@ -9,7 +9,8 @@ travel, and a resume at another ``-np`` finds it by client, not by rank).
 Every file is written atomically (temporary file, fsync, rename); a SHA-256 over the
 arrays *and* the round, fingerprint and format detects corruption and tampering; the
 fingerprint (the configuration that determines the result, the number of clients, the
-identity of the data) refuses a checkpoint of another run.
+identity of the data, the content of the model's weights) refuses a checkpoint of another
+run.
 
 Nothing else needs saving: every random stream (shards, cohorts, data order, dropout,
 noise) is a function of (seed, client, round), so the round number is the whole sampler
@@ -28,30 +29,15 @@ import h5py
 import numpy as np
 
 from fedmpi import atomic
-from fedmpi.config import Config
+from fedmpi.config import Config, outside_the_math
 from fedmpi.errors import UsageError
 
 CHECKPOINT_NAME = "checkpoint.h5"
 CLIENT_STATES = "client-states"
 FORMAT = 2
-# Settings that may change between a run and its resumption without changing the math.
-RESUMABLE = {
-    "rounds",
-    "output",
-    "overwrite",
-    "resume",
-    "checkpoint_every",
-    "eval_every",
-    "threads",
-    "device",
-    "cache_dir",
-    "node_local_cache",
-    "save_model",
-    "verify_sync",
-    "eval_batch_size",
-    "on_nonfinite",
-    "diagnostics",
-}
+# Settings that may change between a run and its resumption: those outside the math, and
+# the number of rounds (a resumed run may be extended).
+RESUMABLE = outside_the_math() | {"rounds"}
 
 
 @dataclass
@@ -64,8 +50,9 @@ class Checkpoint:
 def fingerprint(cfg: Config, num_clients: int, data_sha256: str, model_identity: str) -> dict:
     """What determines the result: the configuration (less RESUMABLE settings), the
     number of clients (``--clients`` may be omitted, then it follows ``-np``), the
-    identity of the tokenized data (a changed file changes it) and of the model's weights
-    (under LoRA the base is not in the checkpoint: it must be the same one)."""
+    identity of the tokenized data (a changed file changes it) and the model's content
+    (``models.model_identity``: its config and every byte of its weights, wherever it
+    lies; under LoRA the base is not in the checkpoint: it must be the same one)."""
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
     return {**values, "clients": num_clients, "data_sha256": data_sha256, "model": model_identity}
 

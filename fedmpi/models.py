@@ -40,6 +40,8 @@ HUB_ALIASES = {
     "distilbert": "distilbert-base-cased",
 }
 
+SAVED_MODEL = "model"  # --save-model's directory inside OUTPUT
+
 # Bump when a derived built-in's construction changes: it renames the cached directory, so
 # old files are never mistaken for new ones.
 RECIPE_VERSION = 1
@@ -207,6 +209,39 @@ def _publish(tmp: Path, final: Path) -> None:
     except OSError:
         if not (final / "config.json").is_file():
             raise
+
+
+def write_directory(final: Path, write: Callable[[Path], None]) -> None:
+    """Write a model directory whole or not at all: ``write`` fills a temporary sibling,
+    which is flushed and renamed to ``final``, replacing an older ``final`` only then. A
+    failure (a full disk, a quota) leaves no partial directory and the older one intact."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    old: Path | None = None
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0o700 would hide the model from the group
+        if final.is_dir() and not final.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old)  # onto the empty placeholder: the old model, set aside
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:
+                os.replace(old, final)
+                old = None
+            raise
+        directory = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash
+        finally:
+            os.close(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _materialised(name: str, recipe: dict, build: Callable[[Path], None]) -> Path:
@@ -424,10 +459,20 @@ def checkpoint_dtype(name: str, trust_remote_code: bool = False):
 
 
 def _safetensors_header(path: Path) -> dict:
-    """A safetensors file's JSON header: name -> {dtype, shape, data_offsets}."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        return json.loads(handle.read(size))
+    """A safetensors file's JSON header: name -> {dtype, shape, data_offsets}; a file
+    whose header cannot be read (truncated, corrupt, not safetensors) is bad input."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(min(size, path.stat().st_size)))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError among them
+        raise UsageError(
+            f"model weights {path} are corrupt or truncated (no valid safetensors header: "
+            f"{_first_line(exc)}): download or copy the model again"
+        ) from exc
+    if not isinstance(header, dict):
+        raise UsageError(f"model weights {path} are corrupt (the header is not a mapping)")
+    return header
 
 
 def load_model(
@@ -444,6 +489,7 @@ def load_model(
     classification head): those must train, even under LoRA.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     resolved = resolve_model(name)
@@ -458,7 +504,7 @@ def load_model(
             dtype=dtype or torch.float32,
             output_loading_info=True,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UsageError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoders pool the last non-pad token
@@ -467,23 +513,81 @@ def load_model(
     return model, sorted(new)
 
 
+HASH_PIECE = 1 << 24  # bytes read at a time while hashing weights
+# config.json keys that say who wrote the file, not what the model computes.
+_CONFIG_PROVENANCE = ("_name_or_path", "transformers_version")
+
+
 def model_identity(name: str) -> str:
-    """What names the model's weights, for a checkpoint's fingerprint: for a local
-    directory, its weight files' names, sizes and safetensors headers (shapes, dtypes,
-    offsets; cheap even for a 7B model, unlike hashing the values), wherever it lies."""
-    resolved = Path(resolve_model(name))
-    if not resolved.is_dir():
-        return str(resolved)
+    """The model's content, for a checkpoint's fingerprint: a SHA-256 of its config and of
+    every byte of the weight files ``from_pretrained`` loads (the safetensors files, else
+    the pickled ``.bin`` ones). A model edited in place, with names, sizes and shapes
+    unchanged, is another model: resuming its checkpoint would be silently wrong. Where
+    the files lie does not matter, so a model staged to another disk still resumes.
+
+    A hub id is hashed in its local snapshot (the one ``from_pretrained`` just loaded),
+    so a hub repository that moved on between a run and its resume is noticed too.
+
+    Reading every byte costs 1.2-1.9 s per GB from the page cache, which loading the model
+    has just filled (measured on a shared 2-core VM: 0.1-0.15 s for MiniLM's 91 MB; from a
+    cold disk, 8.6 s per GB). It runs on rank 0 once per launch, never per round: at a
+    few seconds for a 1B model that is not worth a cache keyed by file times to go stale.
+    """
+    resolved = resolve_model(name)
+    folder = Path(resolved) if Path(resolved).is_dir() else _hub_snapshot(resolved)
+    if folder is None:
+        return f"hub:{resolved}"  # not downloaded: from_pretrained fails before this matters
     sha = hashlib.sha256()
-    for path in sorted(p for p in resolved.iterdir() if p.suffix in (".safetensors", ".bin")):
-        sha.update(f"{path.name}:{path.stat().st_size}".encode())
+    config = folder / "config.json"
+    if config.is_file():
+        settings = json.loads(config.read_text())
+        for key in _CONFIG_PROVENANCE:
+            settings.pop(key, None)
+        sha.update(json.dumps(settings, sort_keys=True).encode())
+    try:
+        for path in weight_files(folder):
+            sha.update(f"{path.name}:{path.stat().st_size}\n".encode())
+            _hash_weights(path, sha)
+    except OSError as exc:
+        raise UsageError(f"cannot read the weights of model {name!r}: {exc}") from exc
+    return f"sha256:{sha.hexdigest()[:16]}"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files ``from_pretrained`` reads in ``folder``: its safetensors files
+    (one, or the shards of an index) when there are any, else its ``.bin`` files."""
+    safetensors = sorted(folder.glob("*.safetensors"))
+    return safetensors or sorted(folder.glob("*.bin"))
+
+
+def _hash_weights(path: Path, sha) -> None:
+    """Add a weight file's content to ``sha``: of a safetensors file, every tensor's
+    entry in the header (name, dtype, shape, offsets) and every byte of the data, not its
+    free-form ``__metadata__`` (which a re-save with another library version rewrites)."""
+    with open(path, "rb") as handle:
         if path.suffix == ".safetensors":
-            sha.update(json.dumps(_safetensors_header(path), sort_keys=True).encode())
-    return f"{resolved.name}:{sha.hexdigest()[:16]}"
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+            header.pop("__metadata__", None)
+            sha.update(json.dumps(header, sort_keys=True).encode())
+        buffer = bytearray(HASH_PIECE)
+        view = memoryview(buffer)
+        while read := handle.readinto(buffer):
+            sha.update(view[:read])
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of hub model ``repo_id`` (where ``from_pretrained`` reads
+    it from), or None when nothing of it is in the Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def check_max_seq_len(name: str, max_seq_len: int, tokenizer, trust_remote_code: bool) -> None:
-    """Refuse a ``--max-seq-len`` beyond what the model takes, before anything is tokenized.
+    """Refuse a ``--max-seq-len`` beyond what the model takes, or too short to hold any text
+    beside the special tokens, before anything is tokenized.
 
     The limit is the smaller of the config's position embeddings and the tokenizer's
     ``model_max_length`` (which knows RoBERTa-style models reserve two positions);
@@ -503,6 +607,14 @@ def check_max_seq_len(name: str, max_seq_len: int, tokenizer, trust_remote_code:
     limit = min((x for x in limits if x), default=None)
     if limit is not None and max_seq_len > limit:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's {limit} positions")
+    # Tokenizers never truncate their special tokens ([CLS], [SEP], <s>): a shorter limit
+    # returns rows longer than the limit, and one only as long leaves no text to classify.
+    special = tokenizer.num_special_tokens_to_add(pair=False)
+    if max_seq_len <= special:
+        raise UsageError(
+            f"--max-seq-len {max_seq_len} leaves no room for text: the tokenizer adds "
+            f"{special} special token(s) to every example; use at least {special + 1}"
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,9 +7,13 @@ alone decides (the output directory, the token cache) reaches the others by broa
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -331,9 +335,7 @@ def _holds(cache: Path) -> str | None:
         return None
 
 
-def _test_identity(
-    cache: Path, rows: np.ndarray, val_rows: np.ndarray, n_classes: int
-) -> dict:
+def _test_identity(cache: Path, rows: np.ndarray, val_rows: np.ndarray, n_classes: int) -> dict:
     """Baselines and hashes of the evaluated test set (and validation set), for results.h5."""
     test = data.read_rows(cache, "test", rows)
     identity = {
@@ -395,7 +397,19 @@ def _output_dir(cfg: Config) -> str:
 
 
 def _check_output(out_dir: Path, cfg: Config) -> bool:
-    """Whether this run resumes from OUTPUT's checkpoint; refuses to clobber results."""
+    """Whether this run resumes from OUTPUT's checkpoint. Refuses, before any training, to
+    clobber results, to share the folder with a running job, and to train for a model or
+    optimizer states it could not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output {out_dir} is a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".fedmpi-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output directory {out_dir} is not writable: {exc.strerror}") from exc
+    _lock_output(out_dir)  # before reading, let alone removing, what a running job writes
     has_checkpoint = (out_dir / checkpoint.CHECKPOINT_NAME).exists()
     if cfg.resume and not has_checkpoint:
         raise UsageError(
@@ -406,13 +420,59 @@ def _check_output(out_dir: Path, cfg: Config) -> bool:
             f"{out_dir} already holds {RESULTS_NAME} and no checkpoint: pass --overwrite or "
             "another --output"
         )
+    folders = {
+        models.SAVED_MODEL: ("--save-model", "the trained model", cfg.save_model),
+        checkpoint.CLIENT_STATES: ("--keep-local-opt", "optimizer states", cfg.keep_local_opt),
+    }
+    for name, (flag, what, used) in folders.items():
+        folder = out_dir / name
+        if used and os.path.lexists(folder) and not folder.is_dir():
+            raise UsageError(
+                f"{flag}: {folder} exists and is not a directory, so {what} could not be "
+                "written there: remove it, or pass another --output"
+            )
     if cfg.overwrite and has_checkpoint:
         (out_dir / checkpoint.CHECKPOINT_NAME).unlink()  # never resume a replaced run later
+    return has_checkpoint and not cfg.overwrite
+
+
+LOCK_NAME = ".fedmpi.lock"
+_locked: dict[Path, TextIO] = {}  # output folders this process runs in, their locks held open
+
+
+def _lock_output(out_dir: Path) -> None:
+    """One job per output folder: rank 0 holds an exclusive ``flock`` on OUTPUT/.fedmpi.lock
+    for as long as its process lives. Two jobs in one folder would interleave results and
+    overwrite each other's checkpoints, so a second one is refused at once, naming the
+    first. The kernel drops the lock when the process ends, however it ends (SIGKILL, a
+    lost node), so a crash never leaves a stale lock behind."""
+    key = out_dir.resolve()
+    if key in _locked:
+        return  # this process already runs a job here (fedmpi called in-process again)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".fedmpi-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        handle = open(out_dir / LOCK_NAME, "a+")  # noqa: SIM115 (held until the process ends)
     except OSError as exc:
         raise UsageError(f"output directory {out_dir} is not writable: {exc.strerror}") from exc
-    return has_checkpoint and not cfg.overwrite
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "its process is still starting"
+        handle.close()
+        raise UsageError(
+            f"output directory {out_dir} is in use by another fedmpi job ({holder}): wait "
+            "for it to end, or pass another --output"
+        ) from None
+    except OSError as exc:  # a filesystem without locks (Lustre mounted without flock)
+        handle.close()
+        print(
+            f"[fedmpi] warning: cannot lock {out_dir / LOCK_NAME} ({exc.strerror}): nothing "
+            f"keeps a second job from writing to {out_dir} at the same time",
+            flush=True,
+        )
+        return
+    handle.truncate(0)
+    started = datetime.now().isoformat(timespec="seconds")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
+    handle.flush()
+    _locked[key] = handle

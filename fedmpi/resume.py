@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -20,8 +21,11 @@ from fedmpi import atomic, checkpoint
 from fedmpi.client import LocalOptimizers
 from fedmpi.comm import World, collectively, log, root_computes, wait_for_all
 from fedmpi.config import Config
+from fedmpi.errors import UsageError
+from fedmpi.results import RESULTS_NAME, read_results
 
 PREEMPTIONS_NAME = "preemptions.json"
+CLIENTS_WITH_STATE = "client_states/clients"  # in the main file: whose state files it needs
 MAX_STALLED_ENV = "FEDMPI_MAX_STALLED_LAUNCHES"
 
 
@@ -53,21 +57,31 @@ class Checkpointer:
         self.optimizers = optimizers
         self.stateful = stateful
         self.saved_round: int | None = None  # the round of the checkpoint on disk, if any
+        # Read at start-up: a typo found only when preempted would end the job with a
+        # traceback and exit 1 instead of 75, and the job would not be requeued.
+        self._max_stalled = collectively(world, _max_stalled_launches)
 
     def save(self, round_done: int, params: torch.Tensor) -> None:
-        """Collective: every rank calls it at the same point."""
+        """Collective: every rank calls it at the same point. With ``--keep-local-opt`` the
+        main file also lists the clients whose state files it goes with, so a resume
+        notices one that went missing instead of silently restarting that client."""
+        with_state: list[int] = []
         if self.cfg.keep_local_opt:
             for client in self.my_clients:
                 arrays = self.optimizers.state_arrays(client)
                 if arrays is not None:
                     checkpoint.save_client_state(self.out_dir, client, round_done, arrays)
+                    with_state.append(client)
             wait_for_all(self.world)  # every client file exists before the main file names it
+            with_state = sorted(sum(self.world.comm.allgather(with_state), []))  # a few ints
         if self.world.is_root:
             state = {
                 f"{owner}/{name}": _numpy(value)
                 for owner, stateful in self.stateful.items()
                 for name, value in stateful.state().items()
             }
+            if self.cfg.keep_local_opt:
+                state[CLIENTS_WITH_STATE] = np.array(with_state, dtype=np.int64)
             checkpoint.save(
                 self.path,
                 self.identity,
@@ -105,18 +119,27 @@ class Checkpointer:
 
         return root_computes(self.world, count)
 
-    @staticmethod
-    def max_stalled_launches() -> int:
-        return int(os.environ.get(MAX_STALLED_ENV, "3"))
+    def max_stalled_launches(self) -> int:
+        """Preempted launches in a row, in one round, after which fedmpi stops requeueing."""
+        return self._max_stalled
 
-    def finish(self, last_round: int, params: torch.Tensor) -> None:
-        """A finished run leaves a checkpoint of its last round (to extend it with more
-        rounds) when it checkpoints at all, and none otherwise."""
+    def finish(
+        self, last_round: int, params: torch.Tensor, save_model: Callable[[], None] | None
+    ) -> None:
+        """Collective. A finished run leaves a checkpoint of its last round (to extend it
+        with more rounds) when it checkpoints at all, and none otherwise.
+
+        ``save_model`` (rank 0 runs it) is called while a checkpoint of the last round is
+        on disk, written for the purpose if need be: when the save fails (a full disk),
+        nothing is lost, and rerunning the same command resumes at the end and saves.
+        """
         if self.world.is_root:
             (self.out_dir / PREEMPTIONS_NAME).unlink(missing_ok=True)
+        if (self.cfg.checkpoint_every or save_model) and self.saved_round != last_round:
+            self.save(last_round, params)
+        if save_model is not None:
+            collectively(self.world, lambda: save_model() if self.world.is_root else None)
         if self.cfg.checkpoint_every:
-            if self.saved_round != last_round:
-                self.save(last_round, params)
             return
         if self.world.is_root:
             self.path.unlink(missing_ok=True)
@@ -124,15 +147,19 @@ class Checkpointer:
         self.saved_round = None
 
     def resume(self, params: torch.Tensor) -> int:
-        """Load OUTPUT's checkpoint on rank 0 (verified), broadcast it into ``params`` and
-        the registered state; returns the rounds done."""
+        """Load OUTPUT's checkpoint on rank 0 (verified, and refused when results.h5 lacks
+        its rounds or a client's state file it lists is gone), broadcast it into ``params``
+        and the registered state; returns the rounds done."""
         world = self.world
-        loaded = collectively(
-            world,
-            lambda: (
-                checkpoint.load(self.path, self.identity, params.numel()) if world.is_root else None
-            ),
-        )
+
+        def load() -> checkpoint.Checkpoint | None:
+            if not world.is_root:
+                return None
+            loaded = checkpoint.load(self.path, self.identity, params.numel())
+            _check_results_continue(self.out_dir, loaded.round)
+            return loaded
+
+        loaded = collectively(world, load)
         layout = world.comm.bcast(
             (loaded.round, {k: (v.shape, v.dtype.str) for k, v in loaded.state.items()})
             if loaded
@@ -152,17 +179,61 @@ class Checkpointer:
                 {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
             )
         if self.cfg.keep_local_opt:
+            listed = set(arrays.get(CLIENTS_WITH_STATE, np.array([], np.int64)).tolist())
 
             def load_clients() -> None:
                 for client in self.my_clients:
                     state = checkpoint.load_client_state(self.out_dir, client, rounds_done)
                     if state is not None:
                         self.optimizers.load_state(client, state)
+                    elif client in listed:
+                        missing = checkpoint.client_state_path(self.out_dir, client, rounds_done)
+                        raise UsageError(
+                            f"checkpoint {self.path} goes with client {client}'s optimizer "
+                            f"state {missing}, which is missing: restore it, or pass "
+                            "--overwrite to start over"
+                        )
 
             collectively(world, load_clients)
         self.saved_round = rounds_done
         log(world, f"resuming from {self.path}: {rounds_done} rounds done")
         return rounds_done
+
+
+def _max_stalled_launches() -> int:
+    """``FEDMPI_MAX_STALLED_LAUNCHES`` (default 3), or bad input."""
+    raw = os.environ.get(MAX_STALLED_ENV, "3")
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UsageError(f"{MAX_STALLED_ENV}={raw!r}: expected a positive whole number")
+    return limit
+
+
+def _check_results_continue(out_dir: Path, rounds_done: int) -> None:
+    """A resumed run appends to results.h5: refuse one that lacks rounds the checkpoint
+    holds (removed, truncated, corrupt), which the run would otherwise silently go on
+    without, or fail on after set-up."""
+    if not rounds_done:
+        return  # preempted in round 1: no round to continue
+    path = out_dir / RESULTS_NAME
+    hint = "restore it, or pass --overwrite to start over"
+    if not path.exists():
+        raise UsageError(
+            f"{out_dir} holds a checkpoint of round {rounds_done} but no {RESULTS_NAME} with "
+            f"the results of those rounds: {hint}"
+        )
+    try:
+        written = set(np.asarray(read_results(path).get("round", [])).tolist())
+    except (OSError, KeyError, ValueError) as exc:
+        raise UsageError(f"{path} is corrupt or truncated ({exc}): {hint}") from exc
+    lost = sorted(set(range(1, rounds_done + 1)) - written)
+    if lost:
+        raise UsageError(
+            f"{path} lacks round(s) {lost[0]}-{lost[-1]} of the checkpoint's {rounds_done}: {hint}"
+        )
 
 
 def _numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -4,7 +4,9 @@ Placeholders in the arguments: {model} a tiny local BERT, {data} a directory wit
 train.csv and test.csv, {out} the run's output directory (prepared per case).
 """
 
+import fcntl
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +14,9 @@ from pathlib import Path
 import h5py
 import pytest
 from conftest import REPO, SCRIPTS, run_mpi, toy_rows, write_csv
+from test_checkpoint import with_one_weight_changed
+
+pytestmark = pytest.mark.mpi
 
 BASE = [
     "--model",
@@ -100,6 +105,20 @@ CASES = [
         "output directory /proc/fedmpi-out is not writable",
         None,
     ),
+    ("an output path that is a file", ["--output", "{a_file}"], "is a file, not a directory", None),
+    ("a second job on the same output", [], "is in use by another fedmpi job", "locked"),
+    (
+        "--save-model where OUTPUT/model is a file",
+        ["--save-model"],
+        "exists and is not a directory, so the trained model could not be written there",
+        "model_file",
+    ),
+    (
+        "--keep-local-opt where OUTPUT/client-states is a file",
+        ["--keep-local-opt"],
+        "exists and is not a directory, so optimizer states could not be written there",
+        "states_file",
+    ),
     (
         "existing output without --resume/--overwrite",
         [],
@@ -120,6 +139,12 @@ CASES = [
         "checkpoint of another model",
         ["--model", "{other_model}"],
         "belongs to another configuration (model:",
+        "checkpoint",
+    ),
+    (
+        "checkpoint of a model whose weights changed in place",
+        ["--model", "{changed_model}"],
+        "belongs to another configuration (model: 'sha256:",
         "checkpoint",
     ),
     ("-np larger than the clients", ["--clients", "1"], "2 MPI ranks but only 1 clients", None),
@@ -190,6 +215,30 @@ CASES = [
         None,
     ),
     ("server moment decay of 1", ["--server-beta1", "1"], "--server-beta1 must be in [0, 1)", None),
+    (
+        "server learning rate far too large",
+        ["--server-opt", "adam", "--server-lr", "1e30"],
+        "--server-lr must be at most 10, got 1e+30",
+        None,
+    ),
+    (
+        "server adaptivity far too large",
+        ["--server-opt", "adam", "--server-tau", "1e30"],
+        "--server-tau must be at most 1, got 1e+30",
+        None,
+    ),
+    (
+        "a cohort fraction that rounds to no client",
+        ["--clients", "4", "--clients-per-round", "0.1"],
+        "--clients-per-round 0.1 of the 4 clients that train rounds to no client",
+        None,
+    ),
+    (
+        "max length below the special tokens",
+        ["--max-seq-len", "2"],
+        "--max-seq-len 2 leaves no room for text: the tokenizer adds 2 special token(s)",
+        None,
+    ),
     ("negative proximal weight", ["--prox-mu=-1"], "--prox-mu must be >= 0", None),
     ("test fraction of 0", ["--test-fraction", "0"], "--test-fraction must be in (0, 1)", None),
     (
@@ -293,6 +342,12 @@ CASES = [
         None,
     ),
     ("spooky without its CSV", ["--dataset", "spooky"], "FEDMPI_SPOOKY_CSV", None),
+    (
+        "model weights that are not safetensors",
+        ["--model", "{corrupt_model}"],
+        "are corrupt or truncated (no valid safetensors header",
+        None,
+    ),
     # Privacy, held-out clients, LoRA.
     (
         "DP with shard-size weights",
@@ -351,7 +406,19 @@ CASES = [
     (
         "LoRA targets the model lacks",
         ["--peft", "lora", "--lora-targets", "no_such_proj"],
-        "--peft lora: No modules were targeted for adaptation",
+        "--lora-targets no_such_proj: no such module in this bert model",
+        None,
+    ),
+    (
+        "LoRA targets, one of which the model lacks",
+        ["--peft", "lora", "--lora-targets", "query,no_such_proj"],
+        "--lora-targets no_such_proj: no such module in this bert model",
+        None,
+    ),
+    (
+        "LoRA rank above the adapted layers' width",
+        ["--peft", "lora", "--lora-r", "64"],
+        "--lora-r 64 exceeds the width of the adapted layers",
         None,
     ),
     # Checkpoints.
@@ -386,6 +453,9 @@ def inputs(tiny_bert, tiny_bert_no_dropout, toy_dataset, tmp_path_factory):
     (root / "lists.jsonl").write_text(
         "".join(f'{{"text": "t{i}", "label": [{i % 2}]}}\n' for i in range(10))
     )
+    with_one_weight_changed(tiny_bert, root / "changed-model")
+    corrupt = shutil.copytree(tiny_bert, root / "corrupt-model")
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     reference = root / "reference"  # a real checkpoint to corrupt or mismatch
     args = [a.format(model=tiny_bert, data=toy_dataset, out=reference) for a in BASE]
     done = run_mpi(
@@ -409,6 +479,8 @@ def inputs(tiny_bert, tiny_bert_no_dropout, toy_dataset, tmp_path_factory):
         "root": root,
         "model": tiny_bert,
         "other_model": tiny_bert_no_dropout,
+        "changed_model": root / "changed-model",
+        "corrupt_model": corrupt,
         "data": toy_dataset,
         "empty": root / "empty.csv",
         "three_rows": root / "three.csv",
@@ -432,13 +504,23 @@ def inputs(tiny_bert, tiny_bert_no_dropout, toy_dataset, tmp_path_factory):
     }
 
 
-def prepare_output(out: Path, how: str | None, checkpoint: Path) -> None:
+def prepare_output(out: Path, how: str | None, checkpoint: Path, held: list) -> None:
+    """Make ``out`` what case ``how`` needs; a lock taken for a case (as a running job
+    would hold it) goes into ``held``, to be kept until every case has run."""
     if how is None:
         return
     out.mkdir(parents=True)
     target = out / "checkpoint.h5"
     if how == "results":
         (out / "results.h5").write_bytes(b"")
+    elif how == "locked":
+        lock = open(out / ".fedmpi.lock", "a+")  # noqa: SIM115 (held while the cases run)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f"pid {os.getpid()}, the test\n")
+        lock.flush()
+        held.append(lock)
+    elif how in ("model_file", "states_file"):
+        (out / {"model_file": "model", "states_file": "client-states"}[how]).write_text("")
     elif how == "garbage":
         target.write_bytes(b"not an HDF5 file at all")
     elif how == "truncated":
@@ -454,10 +536,10 @@ def prepare_output(out: Path, how: str | None, checkpoint: Path) -> None:
 def outcomes(inputs, tmp_path_factory):
     """Every case, each with its own output directory, in one 2-rank MPI job."""
     root = tmp_path_factory.mktemp("cases")
-    cases = []
+    cases, held = [], []
     for i, (_, extra, _, prepare) in enumerate(CASES):
         out = root / f"case-{i}" / "out"
-        prepare_output(out, prepare, inputs["checkpoint"])
+        prepare_output(out, prepare, inputs["checkpoint"], held)
         values = {**inputs, "out": out}
         cases.append(
             [
@@ -478,6 +560,8 @@ def outcomes(inputs, tmp_path_factory):
         timeout=900,
         env={"FEDMPI_SPOOKY_CSV": ""},
     )
+    for lock in held:
+        lock.close()
     assert result.returncode == 0, result.output[-3000:]
     return dict(
         zip([c[0] for c in CASES], json.loads((root / "out.json").read_text()), strict=True)
@@ -502,8 +586,26 @@ def test_a_huge_max_length_leaves_no_cache_behind(outcomes, inputs):
     assert 100000 not in with_widths
 
 
-def test_there_are_at_least_50_cases():
-    assert len(CASES) >= 50
+def test_every_case_of_the_docs_table_is_run():
+    """The other direction: each row of docs/errors.md's table of bad inputs is a case here
+    (once), or names the test module that runs it, which checks its message."""
+    lines = (REPO / "docs" / "errors.md").read_text().splitlines()
+    start = lines.index("| case | example | message contains |")
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        cells = line.split(" | ")
+        rows.append((cells[0].removeprefix("| "), cells[-1].removesuffix(" |")))
+    cases = {c[0] for c in CASES}
+    assert len(cases) == len(CASES), "a case is in CASES twice"
+    assert len({case for case, _ in rows}) == len(rows), "docs/errors.md lists a case twice"
+    for case, message in rows:
+        elsewhere = re.search(r"\(`(tests/test_\w+\.py)`\)$", case)
+        if elsewhere:
+            assert message in (REPO / elsewhere.group(1)).read_text(), case
+        else:
+            assert case in cases, f"docs/errors.md's case {case!r} is not run here"
 
 
 def test_docs_table_lists_every_case():

@@ -1,6 +1,9 @@
-"""Faults under real MPI: no hang, bit-exact checkpoint/resume, preemption, NaN clients."""
+"""Faults under real MPI: no hang, bit-exact checkpoint/resume, preemption, NaN clients, a
+resume that would be wrong, a failed model save, a diverged model."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,17 +13,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import finish, mpiexec_command, run_mpi, start_job, wait_for_line
-from test_train_mpi import fedmpi_args
+from conftest import SCRIPTS, finish, job, mpiexec_command, run_mpi, start_job, wait_for_line
+from test_checkpoint import with_one_weight_changed
 
 from fedmpi.preemption import EXIT_PREEMPTED
 from fedmpi.results import read_results
 
+pytestmark = pytest.mark.mpi
 FAULT_DEADLINE_S = 60  # start-up of 4 ranks on 2 cores included; the abort itself takes ~1 s
-
-
-def job(tiny_bert, toy_dataset, out, *extra):
-    return fedmpi_args(tiny_bert, toy_dataset, out, out.parent / "cache", "--threads", 1, *extra)
 
 
 # The three ways a rank can fail: during set-up (agreed, one message), inside the round
@@ -226,3 +226,94 @@ def test_nonfinite_client_is_skipped_or_aborts(tiny_bert, toy_dataset, tmp_path)
         "rank 1: error: RuntimeError: client 1 produced non-finite parameters in round 2"
         in aborted.output
     )
+
+
+# A resume that would be silently wrong, or fail after set-up: each case copies a finished
+# run (checkpoint of round ROUNDS), breaks one thing, and resumes it with the same command.
+# All cases run in one 2-rank job (in-process, like test_bad_input_mpi.py).
+RESUME_CASES = {
+    "a LoRA base whose weights changed": (
+        "lora",
+        "belongs to another configuration (model: 'sha256:",
+    ),
+    "a client's optimizer state removed": ("stateful", "which is missing: restore it"),
+    "results.h5 removed": ("stateful", "but no results.h5 with the results of those rounds"),
+    "results.h5 corrupt": ("stateful", "results.h5 is corrupt or truncated"),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_resumes(references, tiny_bert, toy_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken-resumes")
+    changed = with_one_weight_changed(tiny_bert, root / "changed-base")
+    cases = []
+    for i, (name, (config, _)) in enumerate(RESUME_CASES.items()):
+        out = shutil.copytree(references(config), root / f"case-{i}")
+        model = tiny_bert
+        if name.startswith("a LoRA base"):
+            model = changed
+        elif name.startswith("a client's"):
+            next((out / "client-states").glob("*.h5")).unlink()
+        elif name == "results.h5 removed":
+            (out / "results.h5").unlink()
+        else:
+            (out / "results.h5").write_bytes(b"not HDF5")
+        args = job(model, toy_dataset, out, *COMMON, *CONFIGS[config])
+        cases.append(args[2:])  # in-process: without "-m fedmpi"
+    (root / "cases.json").write_text(json.dumps(cases))
+    result = run_mpi(
+        2, [str(SCRIPTS / "check_bad_inputs.py"), str(root / "cases.json"), str(root / "out.json")]
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    return dict(zip(RESUME_CASES, json.loads((root / "out.json").read_text()), strict=True))
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_a_resume_that_would_be_wrong_is_refused(case, broken_resumes):
+    outcome = broken_resumes[case]
+    output = "".join(outcome["outputs"])
+    assert outcome["codes"] == [2, 2], output
+    assert RESUME_CASES[case][1] in output
+    assert output.count("fedmpi: error:") == 1 and "Traceback" not in output, output
+
+
+def test_a_failed_save_loses_nothing_and_a_rerun_finishes_it(tiny_bert, toy_dataset, tmp_path):
+    """The disk fills up while --save-model writes (after the last round; no periodic
+    checkpoints): the job ends with one line and exit 2, a checkpoint of the last round
+    and the results stay, no half model is left; the same command then saves the model
+    without training again."""
+    out = tmp_path / "out"
+    args = job(tiny_bert, toy_dataset, out, "--clients", 2, "--rounds", 2, "--save-model")
+    failed = run_mpi(2, [str(SCRIPTS / "run_sabotaged.py"), "full-disk", *args[2:]])
+    assert failed.returncode == 2, failed.output
+    assert failed.output.count("fedmpi: error: --save-model: cannot write the model") == 1
+    assert "rerun the same command" in failed.output and "Traceback" not in failed.output
+    assert "done:" not in failed.output
+    with h5py.File(out / "checkpoint.h5") as f:
+        assert f.attrs["round"] == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".fedmpi.lock",
+        "checkpoint.h5",
+        "results.h5",
+    ]  # no model, whole or half
+    rerun = run_mpi(2, args)
+    assert rerun.returncode == 0, rerun.output
+    assert "nothing to train" in rerun.output and "round 1/" not in rerun.output
+    assert not (out / "checkpoint.h5").exists()  # --checkpoint-every 0: none left, as ever
+    assert list(read_results(out / "results.h5")["round"]) == [1, 2]
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(out / "model")
+
+
+def test_a_diverged_model_is_never_done(tiny_bert, toy_dataset, tmp_path):
+    """The server step overflows in the last round: one line, exit 2 on every rank, no
+    'done' and no saved model (a NaN test loss alone ends the job the same way)."""
+    out = tmp_path / "out"
+    args = job(tiny_bert, toy_dataset, out, "--clients", 2, "--rounds", 1, "--save-model")
+    result = run_mpi(2, [str(SCRIPTS / "run_sabotaged.py"), "diverge", *args[2:]])
+    assert result.returncode == 2, result.output
+    assert result.output.count("fedmpi: error: training diverged: the global model") == 1
+    assert "1 NaN or infinite weights" in result.output
+    assert "done:" not in result.output and "Traceback" not in result.output
+    assert not (out / "model").exists()
