@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedmpi-installed
 
 STUDY_STAMP := $(VENV)/.fedmpi-study-installed
 
-.PHONY: install study-install run test lint bench study privacy report clean
+.PHONY: install study-install run test test-fast lint bench study privacy report clean
 
 install: $(STAMP)
 
@@ -26,9 +26,13 @@ $(STAMP): setup.cfg pyproject.toml requirements-local.txt requirements-offline.t
 run: install
 	$(MPIEXEC) -n $(NP) $(PY) -m fedmpi $(ARGS)
 
-## Unit tests in-process; MPI tests launch $(MPIEXEC) themselves.
+## Unit tests in-process; MPI tests (marked mpi) launch $(MPIEXEC) themselves.
 test: install
 	FEDMPI_MPIEXEC=$(MPIEXEC) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+## The fast layer: every test that does not launch mpiexec (the round on one rank included).
+test-fast: install
+	$(PY) -m pytest -q -m "not mpi" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check fedmpi tests bench

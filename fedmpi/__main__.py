@@ -1,11 +1,21 @@
-"""``python -m fedmpi``: the federated fine-tuning job."""
+"""``python -m fedmpi`` and the ``fedmpi`` console script: the federated fine-tuning job.
+
+Both start here, in a module that imports neither MPI nor torch, so that the process can
+re-execute itself with the chosen allocator preloaded (``fedmpi.allocator``) before
+anything initialises MPI.
+"""
 
 import sys
 
 from fedmpi import allocator
 
-allocator.reexec_with_allocator()  # first: LD_PRELOAD only works when a process starts
 
-from fedmpi.cli import main  # noqa: E402  (initialises MPI)
+def main() -> int:
+    allocator.reexec_with_allocator()  # first: LD_PRELOAD only works when a process starts
+    from fedmpi.cli import main as run_job  # initialises MPI
 
-sys.exit(main())
+    return run_job()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -111,9 +111,7 @@ def collectively(world: World, fn: Callable[[], T]) -> T:
     error: BaseException | None = None
     try:
         result = fn()
-    except UsageError as exc:
-        error = exc
-    except Exception as exc:  # any failure must reach the agreement below
+    except Exception as exc:  # any failure (a UsageError too) must reach the agreement below
         error = exc
     code = 0 if error is None else getattr(error, "exit_code", 1)
     # [max exit code, -(lowest failing rank)] in one tiny Allreduce.

@@ -99,9 +99,6 @@ class ResultsWriter:
             for key, rows in self.rows.items():
                 f.create_dataset(key, data=np.stack(rows)).attrs["per_round"] = 1
 
-    def close(self) -> None:
-        """Nothing stays open between rounds; kept so callers can say they are done."""
-
 
 def _missing_like(row: np.ndarray) -> np.ndarray:
     """A row meaning 'not measured this round': NaN, or -1 for integers."""

@@ -1,7 +1,11 @@
-"""Shared fixtures: a tiny BERT, a learnable toy corpus, and an ``mpiexec`` launcher.
+"""Shared fixtures and helpers: a tiny BERT, a learnable toy corpus, the command line of a
+small fedmpi job, an ``mpiexec`` launcher, and the paper's server optimizer as a reference.
 
 MPI tests launch real ``mpiexec`` subprocesses (the venv's MPICH by default, or
 ``$FEDMPI_MPIEXEC``) under a timeout, so a hang fails the test instead of the CI job.
+Every test that launches one is marked ``mpi`` (a module-level ``pytestmark`` in the
+``*_mpi.py`` modules), so ``pytest -m "not mpi"`` is the fast in-process layer; a test that
+reaches ``mpiexec_command`` without the marker fails, so the marker cannot go stale.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +31,27 @@ NEGATIVE = ["bad", "awful", "terrible", "poor", "dreadful", "boring"]
 FILLER = ["the", "movie", "was", "plot", "actor", "scene", "really", "quite", "a", "story"]
 
 
+_running: pytest.Item | None = None  # the test being run (its fixtures included)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _running
+    _running = item
+    try:
+        yield
+    finally:
+        _running = None
+
+
 def mpiexec_command() -> list[str]:
+    """``mpiexec`` (with ``--oversubscribe`` for Open MPI): the one way tests launch MPI."""
+    if _running is not None and _running.get_closest_marker("mpi") is None:
+        pytest.fail(
+            f"{_running.nodeid} launches mpiexec but is not marked mpi: add "
+            "`pytestmark = pytest.mark.mpi` (a *_mpi.py module) or @pytest.mark.mpi",
+            pytrace=False,
+        )
     exe = os.environ.get("FEDMPI_MPIEXEC") or str(Path(sys.executable).with_name("mpiexec"))
     if not Path(exe).exists():
         exe = shutil.which("mpiexec") or "mpiexec"
@@ -108,6 +133,35 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
         proc.communicate()
         pytest.fail(f"the job did not end within {timeout} s")
     return proc.returncode, out, time.monotonic() - start
+
+
+def fedmpi_args(model, dataset, out, cache, *extra) -> list[str]:
+    """``-m fedmpi`` on ``model`` and ``dataset`` with every example and 32 tokens, writing
+    to ``out``; ``extra`` flags (any values, made strings) follow."""
+    return [
+        "-m",
+        "fedmpi",
+        "--model",
+        str(model),
+        "--dataset",
+        str(dataset),
+        "--output",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--train-samples",
+        "all",
+        "--test-samples",
+        "all",
+        "--max-seq-len",
+        "32",
+        *map(str, extra),
+    ]
+
+
+def job(tiny_bert, toy_dataset, out, *extra) -> list[str]:
+    """``fedmpi_args`` with the token cache next to ``out`` and one thread a rank."""
+    return fedmpi_args(tiny_bert, toy_dataset, out, out.parent / "cache", "--threads", 1, *extra)
 
 
 def minilm_dir() -> Path:
@@ -250,3 +304,37 @@ def save_tiny_bert_in(path: Path, dtype: str) -> Path:
     random_bert(vocab=30522, width=32, layers=2).to(getattr(torch, dtype)).save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
     return path
+
+
+# Reddi et al. 2021 ("Adaptive Federated Optimization"), Algorithm 2, in the paper's own
+# notation and float64, independently of ``fedmpi.server``: the clients' average update is
+# ``Delta_t = avg_t - x_t`` and the server *adds* ``eta * m_t / (sqrt(v_t) + tau)``. FedAvgM
+# follows Hsu et al. 2019 (server momentum on the same Delta). The reference of
+# test_server.py (in-process) and test_server_mpi.py (whole runs).
+ETA, BETA1, BETA2, TAU, MOMENTUM = 0.1, 0.9, 0.99, 1e-3, 0.8
+
+
+class Algorithm2:
+    """The server side of Algorithm 2, one round at a time (v_{-1} = tau^2, m_{-1} = 0)."""
+
+    def __init__(self, name: str, x0: np.ndarray) -> None:
+        self.name = name
+        self.m = np.zeros(x0.shape)
+        self.v = np.full(x0.shape, TAU**2)
+
+    def step(self, x: np.ndarray, average: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        delta = average.astype(np.float64) - x  # Delta_t
+        if self.name == "fedavg":
+            return x + delta
+        if self.name == "avgm":
+            self.m = MOMENTUM * self.m + delta
+            return x + ETA * self.m
+        self.m = BETA1 * self.m + (1 - BETA1) * delta
+        if self.name == "adagrad":
+            self.v = self.v + delta**2
+        elif self.name == "yogi":
+            self.v = self.v - (1 - BETA2) * delta**2 * np.sign(self.v - delta**2)
+        else:  # adam
+            self.v = BETA2 * self.v + (1 - BETA2) * delta**2
+        return x + ETA * self.m / (np.sqrt(self.v) + TAU)

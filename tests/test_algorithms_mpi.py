@@ -1,15 +1,17 @@
 """Clients independent of ranks, cohorts, partitions, FedProx, server optimizers (real MPI)."""
 
 import numpy as np
+import pytest
 import torch
-from conftest import run_mpi
-from test_train_mpi import fedmpi_args
+from conftest import fedmpi_args, run_mpi
 from transformers import AutoModelForSequenceClassification
 
 from fedmpi.config import Config
 from fedmpi.data import load_text_splits
 from fedmpi.partition import sample_cohort
 from fedmpi.results import read_results
+
+pytestmark = pytest.mark.mpi
 
 
 def run_fedmpi(np_, tiny_bert, toy_dataset, out, *extra):

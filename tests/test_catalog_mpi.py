@@ -6,6 +6,8 @@ from conftest import run_mpi
 
 from fedmpi.results import read_results
 
+pytestmark = pytest.mark.mpi
+
 
 @pytest.mark.parametrize(
     "model,architecture",

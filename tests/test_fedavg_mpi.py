@@ -3,6 +3,8 @@
 import pytest
 from conftest import SCRIPTS, run_mpi
 
+pytestmark = pytest.mark.mpi
+
 
 @pytest.mark.parametrize("np_", [1, 2, 4])
 def test_fedavg_matches_serial_weighted_average(np_):

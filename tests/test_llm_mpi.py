@@ -7,10 +7,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_mpi, save_tiny_bert_in, save_tiny_decoder
-from test_train_mpi import fedmpi_args
+from conftest import fedmpi_args, run_mpi, save_tiny_bert_in, save_tiny_decoder
 
 from fedmpi.results import read_results
+
+pytestmark = pytest.mark.mpi
 
 # (model kind, checkpoint dtype, extra flags, what the start-up line must say)
 CASES = [

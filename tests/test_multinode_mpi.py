@@ -21,11 +21,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPTS, finish, mpiexec_command, start_job, wait_for_line
-from test_train_mpi import fedmpi_args
+from conftest import (
+    REPO,
+    SCRIPTS,
+    fedmpi_args,
+    finish,
+    mpiexec_command,
+    start_job,
+    wait_for_line,
+)
 
 from fedmpi.preemption import EXIT_PREEMPTED
 from fedmpi.results import read_results
+
+pytestmark = pytest.mark.mpi
 
 sys.path.insert(0, str(REPO / "bench"))
 from simcluster import SimCluster, Unavailable, missing_requirements  # noqa: E402

@@ -5,11 +5,13 @@ import json
 import shutil
 
 import h5py
-from conftest import run_mpi
-from test_reliability_mpi import job
+import pytest
+from conftest import job, run_mpi
 
 from fedmpi.preemption import EXIT_PREEMPTED, EXIT_STALLED
 from fedmpi.results import read_results
+
+pytestmark = pytest.mark.mpi
 
 
 def test_a_resume_refuses_another_client_count_and_changed_data(tiny_bert, toy_dataset, tmp_path):

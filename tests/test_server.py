@@ -1,43 +1,17 @@
 """Server optimizers against Reddi et al. 2021 ("Adaptive Federated Optimization"),
-Algorithm 2, written in the paper's own notation and float64, independently of
-``fedmpi.server``: the clients' average update is ``Delta_t = avg_t - x_t`` and the server
-*adds* ``eta * m_t / (sqrt(v_t) + tau)``. FedAvgM follows Hsu et al. 2019 (server
-momentum on the same Delta)."""
+Algorithm 2 (``conftest.Algorithm2``), written in the paper's own notation and float64,
+independently of ``fedmpi.server``: the clients' average update is
+``Delta_t = avg_t - x_t`` and the server *adds* ``eta * m_t / (sqrt(v_t) + tau)``. FedAvgM
+follows Hsu et al. 2019 (server momentum on the same Delta)."""
 
 import numpy as np
 import pytest
 import torch
+from conftest import BETA1, BETA2, ETA, MOMENTUM, TAU, Algorithm2
 
 from fedmpi.server import ServerHyper, ServerOptimizer
 
-ETA, BETA1, BETA2, TAU, MOMENTUM = 0.1, 0.9, 0.99, 1e-3, 0.8
 HYPER = ServerHyper(lr=ETA, momentum=MOMENTUM, beta1=BETA1, beta2=BETA2, tau=TAU)
-
-
-class Algorithm2:
-    """The server side of Algorithm 2, one round at a time (v_{-1} = tau^2, m_{-1} = 0)."""
-
-    def __init__(self, name: str, x0: np.ndarray) -> None:
-        self.name = name
-        self.m = np.zeros(x0.shape)
-        self.v = np.full(x0.shape, TAU**2)
-
-    def step(self, x: np.ndarray, average: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        delta = average.astype(np.float64) - x  # Delta_t
-        if self.name == "fedavg":
-            return x + delta
-        if self.name == "avgm":
-            self.m = MOMENTUM * self.m + delta
-            return x + ETA * self.m
-        self.m = BETA1 * self.m + (1 - BETA1) * delta
-        if self.name == "adagrad":
-            self.v = self.v + delta**2
-        elif self.name == "yogi":
-            self.v = self.v - (1 - BETA2) * delta**2 * np.sign(self.v - delta**2)
-        else:  # adam
-            self.v = BETA2 * self.v + (1 - BETA2) * delta**2
-        return x + ETA * self.m / (np.sqrt(self.v) + TAU)
 
 
 def algorithm_2(name: str, x0: np.ndarray, averages: list[np.ndarray]) -> np.ndarray:

@@ -3,7 +3,7 @@ full-batch SGD step a round, dropout off), where the clients' weighted average i
 closed form: ``x - lr * (weighted mean of the clients' full-batch gradients)``.
 
 The reference computes those gradients with plain PyTorch on the data itself and applies
-Reddi et al.'s Algorithm 2 in numpy (``test_server.Algorithm2``); the fedmpi runs stop
+Reddi et al.'s Algorithm 2 in numpy (``conftest.Algorithm2``); the fedmpi runs stop
 after round 2 and resume from their checkpoint for round 3.
 """
 
@@ -12,13 +12,12 @@ import csv
 import numpy as np
 import pytest
 import torch
-from conftest import run_mpi
-from test_server import BETA1, BETA2, ETA, MOMENTUM, TAU, Algorithm2
-from test_train_mpi import fedmpi_args
+from conftest import BETA1, BETA2, ETA, MOMENTUM, TAU, Algorithm2, fedmpi_args, run_mpi
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedmpi.results import read_results
 
+pytestmark = pytest.mark.mpi
 LOCAL_LR, SEQ = 0.5, 32
 
 

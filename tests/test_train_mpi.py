@@ -5,32 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_mpi
+from conftest import fedmpi_args, run_mpi
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedmpi.results import read_results
 
-
-def fedmpi_args(model, dataset, out, cache, *extra):
-    return [
-        "-m",
-        "fedmpi",
-        "--model",
-        str(model),
-        "--dataset",
-        str(dataset),
-        "--output",
-        str(out),
-        "--cache-dir",
-        str(cache),
-        "--train-samples",
-        "all",
-        "--test-samples",
-        "all",
-        "--max-seq-len",
-        "32",
-        *map(str, extra),
-    ]
+pytestmark = pytest.mark.mpi
 
 
 @pytest.fixture(scope="module")
