@@ -9,11 +9,18 @@ For each model (``bert-base``: a random ``BertForSequenceClassification(BertConf
 ~110M fp32 parameters, nothing downloaded; ``minilm``: the offline built-in) it times, on
 a payload of the model's size:
 
-* fedmpi's step exactly as ``train.py`` runs it with one client per rank (the payload is
-  the parameters' own storage, scaled and reduced in place slice by slice):
-  ``WeightedAllreduce.begin_round/add/allreduce`` then ``ServerOptimizer("fedavg").step``;
-* the per-round diagnostics ``train.py`` adds around it (``record_client``,
-  ``observe_average``, ``finish_round``);
+* fedmpi's step, the project's own round code (``fedmpi.round.FederatedRound``, built
+  by ``bench/rig.py`` over a synthetic job of one client per rank, weights = shard sizes,
+  FedAvg, so the payload is the parameters' own storage, scaled and reduced in place
+  slice by slice): ``begin`` (the cohort, the copy of the round's start model, the
+  payload opened), ``contribute`` (the rank's client into the payload; it stands in for
+  local training, which is not timed here) and ``aggregate`` (the sleeping wait, the
+  Allreduce, the hooks after it, the server step), with no hooks;
+* the same step with the round's diagnostics hook (``UpdateDiagnostics`` at
+  ``--diagnostics off``, ``norms``, ``full``), its ``after_server_step`` included (the
+  hooks' calls that ``FederatedRound.run`` makes after ``aggregate``); and the hook's
+  share, the difference of the two medians (with the hook minus without: on a busy
+  machine it is noisy and can come out below zero);
 * a bare ``comm.Allreduce(MPI.IN_PLACE, ...)`` on a preallocated numpy float32 buffer,
   and the same in fixed slices (``--chunks-mb``); then in fedmpi's slices after a whole
   scale pass (what the step would cost without scaling each slice just before it is
@@ -24,8 +31,9 @@ a payload of the model's size:
 * a memcpy of the buffer on every rank at once (the memory-bandwidth floor).
 
 Each row is the median over ``--repeats`` of the slowest rank's time, with a barrier
-before every repeat (and one untimed warm-up); GB/s is payload bytes / time. Rank 0
-prints one markdown table per model.
+before every repeat (and one untimed warm-up), except the diagnostics' share, a difference
+of two such rows; GB/s is payload bytes / time. Rank 0 prints one markdown table per
+model.
 """
 
 from __future__ import annotations
@@ -41,13 +49,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
+from rig import one_client_per_rank
 
 from fedmpi.comm import World
+from fedmpi.config import Config
 from fedmpi.diagnostics import UpdateDiagnostics
-from fedmpi.fedavg import CHUNK_BYTES, TAIL, WeightedAllreduce, reduces_in_place
-from fedmpi.flat import FlatParameters, flat_zeros
+from fedmpi.fedavg import CHUNK_BYTES, TAIL
+from fedmpi.flat import FlatParameters
+from fedmpi.hooks import RoundHook
 from fedmpi.models import load_model, quiet_transformers
-from fedmpi.server import ServerHyper, ServerOptimizer
+from fedmpi.preemption import StopRequest
+from fedmpi.round import FederatedRound, PhaseClock
+
+EXAMPLES = 100  # each rank's client's rows: equal weights, so the average stays put
 
 
 def timed(comm: MPI.Comm, repeats: int, fn: Callable[[], object]) -> float:
@@ -95,35 +109,34 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
     comm, repeats = world.comm, args.repeats
     model = build_model(name)
     flat = FlatParameters(model, tail=len(TAIL))
-    # One client per rank and FedAvg: train.py reduces the parameters' storage in place.
-    assert reduces_in_place(1, "fedavg", fixed_denominator=False)
-    aggregator = WeightedAllreduce(world, flat.numel, "cpu", in_place=flat.storage)
-    server = ServerOptimizer("fedavg", ServerHyper(), flat.buffer)
-    round_start = flat_zeros(flat.numel, "cpu").copy_(flat.buffer)  # as train.py allocates it
-    cohort = np.arange(world.size)
-    weight, denominator = 100.0, 100.0 * world.size  # equal clients: the average stays put
-    n = aggregator.payload.numel()
-    nbytes = aggregator.nbytes
+    job = one_client_per_rank(world, model, flat, "cpu", examples=EXAMPLES)
 
-    def fedmpi_step() -> None:  # as in train.py, from begin_round() to server.step()
-        aggregator.begin_round(denominator)
-        aggregator.add(flat.buffer, weight, loss_sum=1.0, examples=weight)
-        totals = aggregator.allreduce()
-        server.step(flat.buffer, round_start, totals.average)
-
-    def diagnostics_step(level: str) -> Callable[[], None]:
-        """train.py's per-round diagnostics at ``--diagnostics LEVEL``, one client per rank
-        (``off`` still checks the update for NaN/inf and gathers who was skipped)."""
-        diagnostics = UpdateDiagnostics(flat, world.size, level)
+    def round_step(hooks: list[RoundHook], level: str = "off") -> Callable[[], None]:
+        """The round's begin, contribute and aggregate (and its hooks' after_server_step)
+        for this rank's one client, with ``hooks``."""
+        fed_round = FederatedRound(Config(diagnostics=level), world, job, hooks, StopRequest())
+        # One client per rank and FedAvg: the round reduces the parameters in place.
+        assert fed_round.aggregator.in_place
 
         def run() -> None:
-            diagnostics.start_round()
-            diagnostics.record_client(world.rank, weight, flat.buffer, round_start)
-            diagnostics.observe_average(flat.buffer, denominator, round_start)
-            diagnostics.finish_round(world, cohort, flat.buffer, round_start)
+            ctx = fed_round.begin(1)
+            fed_round.contribute(ctx, world.rank, loss_sum=1.0, examples=EXAMPLES)
+            fed_round.aggregate(ctx, PhaseClock(job.device))
+            for hook in fed_round.hooks:
+                hook.after_server_step(ctx)
 
         return run
 
+    step = timed(comm, repeats, round_step([]))
+    rows = [("fedmpi step (FederatedRound begin/contribute/aggregate, no hooks)", step)]
+    for level in ("off", "norms", "full"):
+        diagnostics = UpdateDiagnostics(flat, world.size, level)
+        with_hook = timed(comm, repeats, round_step([diagnostics], level))
+        rows.append((f"fedmpi step + UpdateDiagnostics hook, --diagnostics {level}", with_hook))
+        rows.append((f"fedmpi diagnostics, --diagnostics {level} (difference)", with_hook - step))
+        del diagnostics
+    n = flat.storage.numel()  # the payload: the parameters and the Allreduce's tail
+    nbytes = n * flat.storage.element_size()
     bare = np.zeros(n, dtype=np.float32)
     target = np.empty_like(bare)
     tensors = [p.detach().numpy() for p in flat.params]
@@ -147,20 +160,7 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
         for t in tensors:
             comm.Allreduce(MPI.IN_PLACE, t, op=MPI.SUM)
 
-    rows = [
-        (
-            "fedmpi step (begin_round/add/allreduce + fedavg step)",
-            timed(comm, repeats, fedmpi_step),
-        ),
-        *(
-            (
-                f"fedmpi diagnostics, --diagnostics {level}",
-                timed(comm, repeats, diagnostics_step(level)),
-            )
-            for level in ("off", "norms", "full")
-        ),
-        ("bare comm.Allreduce, numpy, in place", timed(comm, repeats, bare_allreduce)),
-    ]
+    rows.append(("bare comm.Allreduce, numpy, in place", timed(comm, repeats, bare_allreduce)))
     for mb in args.chunks_mb:
         rows.append((f"bare Allreduce in {mb} MB slices", timed(comm, repeats, chunked(mb << 20))))
     sliced = chunked(CHUNK_BYTES)
@@ -205,7 +205,8 @@ def bench_model(name: str, world: World, args: argparse.Namespace) -> None:
         )
         print("| operation | ms | GB/s |\n|---|---:|---:|")
         for label, seconds in rows:
-            print(f"| {label} | {seconds * 1e3:.1f} | {nbytes / seconds / 1e9:.2f} |")
+            rate = f"{nbytes / seconds / 1e9:.2f}" if seconds > 0 else "-"
+            print(f"| {label} | {seconds * 1e3:.1f} | {rate} |")
         sys.stdout.flush()
 
 

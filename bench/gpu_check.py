@@ -15,12 +15,16 @@ half to all of the maximum, as text does: timing does not depend on what tokens 
 2. Rounds, under ``mpiexec -n 1``, ``2``, ``4`` with every rank on the one GPU: a BERT-base
    (fp32) and a ~1B-parameter Llama (bf16 compute), each fully fine-tuned and with LoRA
    (the Llama's frozen base stored in bf16, as fedmpi keeps a bf16 checkpoint). One
-   client per rank, the round as train.py runs it, each phase timed with the GPU
-   synchronised: local training, the payload's scaling, the wait for the other ranks,
-   the host staging, the Allreduce, the server step, the diagnostics. Per rank, the
-   peak of ``torch.cuda.max_memory_allocated`` over the rounds. A case that would not
-   fit np copies of its np=1 peak on the card, or a rank count the time left cannot
-   cover, is reported as not run.
+   client per rank, run by the project's own round (``fedmpi.round.FederatedRound.run``
+   over a synthetic job from ``bench/rig.py``, with the ``--diagnostics full`` hook), its
+   phases as the round's clock times them with the GPU synchronised (``timing/*`` of its
+   row: local training, the wait for the other ranks, the Allreduce phase, the
+   diagnostics after the server step), the Allreduce phase split into the time inside
+   MPI (a communicator that times its Allreduce calls) and the rest (the payload's
+   scaling, host staging, the server step, the diagnostics' pass over the average).
+   Per rank, the peak of ``torch.cuda.max_memory_allocated`` over the rounds. A case
+   that would not fit np copies of its np=1 peak on the card, or a rank count the time
+   left cannot cover, is reported as not run.
 
 ``--dry-run`` runs every step on the CPU with tiny shapes: it proves the script, and its
 figures are not measurements.
@@ -223,8 +227,8 @@ def release(device: str) -> None:
 
 
 class TimedComm:
-    """An MPI communicator that adds up the seconds its Allreduce calls take: handed to
-    WeightedAllreduce, it splits the Allreduce phase into MPI and host staging."""
+    """An MPI communicator that adds up the seconds its Allreduce calls take: the world
+    the round runs on, so the Allreduce phase splits into MPI and the rest."""
 
     def __init__(self, comm) -> None:
         self.comm, self.seconds = comm, 0.0
@@ -238,6 +242,24 @@ class TimedComm:
         return getattr(self.comm, name)
 
 
+def mpi_seconds_hook(comm: TimedComm):
+    """A round hook, last in the list, that reads ``comm``'s count of the round's payload
+    Allreduce: zeroed when the round starts, read first thing after the Allreduce (the way
+    out runs the hooks in reverse), before the diagnostics' own small Allreduce."""
+    from fedmpi.hooks import RoundHook
+
+    class MpiSeconds(RoundHook):
+        seconds = 0.0
+
+        def start(self, ctx) -> None:
+            comm.seconds = 0.0
+
+        def after_allreduce(self, ctx, average, arrived) -> None:
+            self.seconds = comm.seconds
+
+    return MpiSeconds()
+
+
 def with_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     """fedmpi's LoRA wrapping: adapters and the new head train (fp32), the base is frozen."""
     from fedmpi.adapters import apply_lora
@@ -248,17 +270,31 @@ def with_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
 
 class Rig:
     """One case on this rank: the model on the device (a LoRA Llama's base in bf16),
-    flattened, with the round's state allocated once as train.py allocates it."""
+    flattened, and the project's round (``fedmpi.round.FederatedRound``, with the
+    ``--diagnostics full`` hook train.py puts first) over a synthetic job whose one
+    client per rank trains on this rank's random rows."""
 
     def __init__(self, world, case: Case, scale: Scale, device: str) -> None:
+        from rig import one_client_per_rank
+
         from fedmpi.diagnostics import UpdateDiagnostics
-        from fedmpi.fedavg import TAIL, WeightedAllreduce
+        from fedmpi.fedavg import TAIL
         from fedmpi.flat import FlatParameters
-        from fedmpi.server import ServerHyper, ServerOptimizer
+        from fedmpi.preemption import StopRequest
+        from fedmpi.round import FederatedRound
 
         llama = case.model == "llama"
         batch = scale.llama_batch if llama else scale.batch
-        self.cfg = Config(batch_size=batch, lr=1e-5, precision=case.precision, peft=case.peft)
+        unscored = scale.rounds + 1  # no round run here is a scored one
+        self.cfg = Config(
+            batch_size=batch,
+            lr=1e-5,
+            precision=case.precision,
+            peft=case.peft,
+            diagnostics="full",
+            rounds=unscored,
+            eval_every=unscored,
+        )
         base = torch.bfloat16 if llama and case.peft == "lora" else torch.float32
         self.model = build_model(case.model, scale, device, base)
         if case.peft == "lora":
@@ -268,64 +304,27 @@ class Rig:
         vocab = self.model.config.vocab_size
         self.rows = random_rows(steps * batch, scale.seq_len, vocab, world.rank, device)
         self.comm = TimedComm(world.comm)
-        self.aggregator = WeightedAllreduce(
-            dataclasses.replace(world, comm=self.comm),
-            self.flat.numel,
-            device,
-            staged=True if device == "cpu" else None,  # the dry run takes the GPU's path
-            in_place=self.flat.storage,
+        timed_world = dataclasses.replace(world, comm=self.comm)
+        job = one_client_per_rank(
+            timed_world, self.model, self.flat, device, rows=self.rows, precision=case.precision
         )
-        self.server = ServerOptimizer("fedavg", ServerHyper(), self.flat.buffer)
-        self.round_start = torch.empty_like(self.flat.buffer)
-        self.diagnostics = UpdateDiagnostics(self.flat, world.size)
-        self.world, self.title, self.device = world, case.title(scale), device
+        diagnostics = UpdateDiagnostics(self.flat, job.plan.n_clients, self.cfg.diagnostics)
+        self.mpi = mpi_seconds_hook(self.comm)
+        hooks = [diagnostics, self.mpi]
+        self.fed_round = FederatedRound(self.cfg, timed_world, job, hooks, StopRequest())
+        self.title = case.title(scale)
 
     def round(self, round_: int) -> dict[str, float]:
-        """One round of train.py's loop for one client per rank, each phase timed."""
-        from fedmpi.client import client_seed, make_optimizer, train_client
-        from fedmpi.comm import wait_for_all
-        from fedmpi.train import PhaseClock
-
-        flat, start, diagnostics, rank = (
-            self.flat,
-            self.round_start,
-            self.diagnostics,
-            self.world.rank,
-        )
-        weight = float(len(self.rows))
-        denominator = weight * self.world.size
-        clock = PhaseClock(self.device)
-        start.copy_(flat.buffer)
-        self.aggregator.begin_round(denominator)
-        diagnostics.start_round()
-        optimizer = make_optimizer(self.cfg, flat.params)
-        seed = client_seed(0, rank, round_)
-        result = train_client(self.model, flat.params, self.rows, self.cfg, seed, optimizer)
-        clock.mark("train")
-        if diagnostics.record_client(rank, weight, flat.buffer, start) is None:
-            raise RuntimeError(f"{self.title}: non-finite parameters after local training")
-        clock.mark("diagnostics_client")
-        self.aggregator.add(flat.buffer, weight, result.loss_sum, result.samples_seen)
-        clock.mark("scale")
-        wait_for_all(self.world)
-        clock.mark("wait")
-        self.comm.seconds = 0.0
-        totals = self.aggregator.allreduce()
-        clock.mark("allreduce_total")
-        diagnostics.observe_average(totals.average, denominator, start)
-        clock.mark("diagnostics_average")
-        self.server.step(flat.buffer, start, totals.average)
-        clock.mark("server")
-        diagnostics.finish_round(self.world, list(range(self.world.size)), flat.buffer, start)
-        clock.mark("diagnostics_round")
-        return round_phases(clock.seconds(), self.comm.seconds)
+        """One round of the project's round (``FederatedRound.run``), its phases as the
+        round's clock timed them (``timing/*`` of its row), with the Allreduce's MPI share."""
+        return round_phases(self.fed_round.run(round_), self.mpi.seconds)
 
     def sizes(self) -> dict[str, int]:
         return {
             "trainable": self.flat.numel,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "payload_bytes": self.aggregator.nbytes,
-            "examples_per_round": len(self.rows),
+            "payload_bytes": self.fed_round.aggregator.nbytes,
+            "examples_per_round": len(self.rows) * self.cfg.local_epochs,
         }
 
 
@@ -335,7 +334,7 @@ def run_case(world, case: Case, scale: Scale, device: str) -> dict:
     rig = Rig(world, case, scale, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    phases = [rig.round(r) for r in range(scale.rounds)]
+    phases = [rig.round(r) for r in range(1, scale.rounds + 1)]
     measured = phases[1:] or phases
     result = {
         "case": case.title(scale),
@@ -349,20 +348,15 @@ def run_case(world, case: Case, scale: Scale, device: str) -> dict:
     return result
 
 
-def round_phases(clock: dict[str, float], mpi_seconds: float) -> dict[str, float]:
-    """PhaseClock's marks as the report's phases: the Allreduce split into MPI and host
-    staging, the three diagnostics passes summed."""
-    s = {k.removeprefix("timing/").removesuffix("_s"): v for k, v in clock.items()}
-    return {
-        "train": s["train"],
-        "scale": s["scale"],
-        "wait": s["wait"],
-        "staging": s["allreduce_total"] - mpi_seconds,
-        "allreduce": mpi_seconds,
-        "server": s["server"],
-        "diagnostics": s["diagnostics_client"] + s["diagnostics_average"] + s["diagnostics_round"],
-        "round": s["round"],
+def round_phases(row: dict, mpi_seconds: float) -> dict[str, float]:
+    """The round's ``timing/*`` (train, wait, allreduce, diagnostics, eval, round) without
+    the prefix and suffix, and ``mpi``: the part of ``allreduce`` spent inside MPI."""
+    phases = {
+        k.removeprefix("timing/").removesuffix("_s"): float(v)
+        for k, v in row.items()
+        if k.startswith("timing/")
     }
+    return {**phases, "mpi": mpi_seconds}
 
 
 def rounds_worker(out: Path, keys: list[str], dry_run: bool) -> None:
@@ -502,7 +496,10 @@ def throughput_table(name: str, results: list[dict]) -> str:
     return table(["card", "precision", "loop", "examples", "s", "examples/s"], rows)
 
 
-PHASES = ("train", "scale", "wait", "staging", "allreduce", "server", "diagnostics")
+# The round's timing/* phases (fedmpi.round.PhaseClock), and "mpi", the share of
+# "allreduce" inside MPI's Allreduce calls; evaluation is not run (no round is scored).
+PHASES = ("train", "wait", "allreduce", "mpi", "diagnostics")
+HEADERS = {"mpi": "of it in MPI"}
 
 
 def phase_rows(rounds: dict[int, list[dict]], cells: Callable[[dict], list]) -> list[list]:
@@ -517,7 +514,8 @@ def phase_rows(rounds: dict[int, list[dict]], cells: Callable[[dict], list]) -> 
 def seconds_table(rounds: dict[int, list[dict]]) -> str:
     """Rank 0's seconds per phase of a round."""
     rows = phase_rows(rounds, lambda p: [f"{p[k]:.3f}" for k in (*PHASES, "round")])
-    return table(["card", "case", "np", *(f"{k} s" for k in PHASES), "round s"], rows)
+    headers = [f"{HEADERS.get(k, k)} s" for k in PHASES]
+    return table(["card", "case", "np", *headers, "round s"], rows)
 
 
 def share_table(rounds: dict[int, list[dict]]) -> str:
@@ -529,7 +527,7 @@ def share_table(rounds: dict[int, list[dict]]) -> str:
         ]
 
     return table(
-        ["card", "case", "np", "not training", *(f"{k}" for k in PHASES[1:])],
+        ["card", "case", "np", "not training", *(HEADERS.get(k, k) for k in PHASES[1:])],
         phase_rows(rounds, shares),
     )
 
@@ -639,9 +637,12 @@ def write_report(args, env: dict, report: dict) -> None:
             "",
             seconds_table(rounds),
             "",
-            "Share of the round that is not local training (scale: the payload's scaling; "
-            "staging: device to pinned host and back; diagnostics: the three passes of "
-            "--diagnostics full):",
+            "Share of the round that is not local training (train: from the round's start "
+            "to the payload's last client, with the diagnostics' pass over each client's "
+            "update; allreduce: the payload's scaling, host staging, the Allreduce, the "
+            "diagnostics' pass over the average and the server step, of which 'of it in "
+            "MPI' is inside MPI's Allreduce calls; diagnostics: the hook after the server "
+            "step, its global pass and its small Allreduce):",
             "",
             share_table(rounds),
             "",

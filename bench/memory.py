@@ -9,7 +9,7 @@
   ``fedmpi.cli.main()`` for one round of the default job (offline MiniLM, Rotten
   Tomatoes, batch 16, max length 64, fused AdamW) and records each rank's VmRSS and
   VmHWM (/proc/self/status) after the phases it hooks in ``fedmpi.prepare`` (model
-  load, flattening) and ``fedmpi.train`` (payload allocation, local training, Allreduce,
+  load, flattening) and ``fedmpi.round`` (payload allocation, local training, Allreduce,
   evaluation);
 * plain: ``python bench/memory.py --worker plain``: the same model, the same number of
   training rows as one fedmpi rank (so the same number of steps), the same batch size,
@@ -24,12 +24,21 @@ estimate of fedmpi's extra memory from the parameter count P (fp32 bytes).
 (``/proc/PID/smaps_rollup``, every 0.2 s): the peak of their sum, that sum per rank, and
 the largest single rank's peak. PSS counts pages the ranks share (torch's libraries, the
 page cache of the model file) once in the sum, which is what a node's memory pays.
+``--job-args`` adds flags to the job, e.g. 200 clients of one local step each:
+
+    python bench/memory.py --part job --job-clients 200 \
+        --job-args "--train-samples 1600 --batch-size 8"
+
+The job runs on the allocator ``python -m fedmpi`` picks (``FEDMPI_MALLOC``: export
+``FEDMPI_MALLOC=system`` for glibc's malloc); the table names it, from the job's log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -79,12 +88,12 @@ def fedmpi_worker(argv: list[str], rows_file: str) -> None:
 
     import fedmpi.fedavg
     import fedmpi.prepare
-    import fedmpi.train
+    import fedmpi.round
     from fedmpi.cli import main
 
     rec.mark("imports + MPI_Init")
     rank = MPI.COMM_WORLD.Get_rank()
-    train = fedmpi.train
+    train = fedmpi.round
     saved: dict = {}
 
     def save_rows(key: str, rows, seed: int = 0) -> None:
@@ -93,9 +102,9 @@ def fedmpi_worker(argv: list[str], rows_file: str) -> None:
             saved.update({f"{key}_{f}": getattr(rows, f).numpy() for f in ROW_FIELDS})
             saved[f"{key}_seed"] = seed
 
-    def train_client(model, params, data, cfg, seed, *args, **kwargs):
+    def train_client(model, data, cfg, seed, *args, **kwargs):
         save_rows("train", data, seed)
-        return original_train(model, params, data, cfg, seed, *args, **kwargs)
+        return original_train(model, data, cfg, seed, *args, **kwargs)
 
     def evaluate(model, data, *args, **kwargs):
         save_rows("test", data)
@@ -176,6 +185,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("phases", "job", "all"), default="all")
     parser.add_argument("--np", type=int, default=2)
     parser.add_argument("--job-clients", type=int, default=4)
+    parser.add_argument("--job-args", default="", help="more flags for --part job's job")
     parser.add_argument("--train-samples", type=int, default=320)
     parser.add_argument("--test-samples", type=int, default=200)
     parser.add_argument("--mpiexec", default=str(Path(sys.executable).with_name("mpiexec")))
@@ -198,13 +208,16 @@ def whole_job(args: argparse.Namespace) -> None:
     """The default job at ``--np`` ranks with ``--job-clients`` clients: its peak PSS."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [args.mpiexec, "-n", str(args.np), sys.executable, "-m", "fedmpi"]
-        command += ["--clients", str(args.job_clients), "--output", str(Path(tmp) / "run")]
+        flags = ["--clients", str(args.job_clients), *shlex.split(args.job_args)]
+        command += [*flags, "--output", str(Path(tmp) / "run")]
         start = time.perf_counter()
-        _, sampler = run_with_pss(command)
+        log, sampler = run_with_pss(command)
         wall = time.perf_counter() - start
+    malloc = re.search(r", malloc (.+)$", log, re.MULTILINE)
     print(
-        f"default job (`python -m fedmpi --clients {args.job_clients}`), np={args.np}, "
-        f"{wall:.0f} s\n\n| peak of the ranks' summed PSS MiB | per rank MiB | "
+        f"default job (`python -m fedmpi {shlex.join(flags)}`), np={args.np}, "
+        f"malloc {malloc.group(1) if malloc else '?'}, {wall:.0f} s\n\n"
+        f"| peak of the ranks' summed PSS MiB | per rank MiB | "
         f"largest rank's own peak MiB |\n|---:|---:|---:|\n"
         f"| {sampler.peak_total_mb:.0f} | {sampler.peak_total_mb / args.np:.0f} | "
         f"{sampler.peak_rank_mb:.0f} |\n"

@@ -119,7 +119,7 @@ def time_loops(model: torch.nn.Module, blocks: list[DeviceRows], cfg: Config) ->
         batches = plain_batches(rows, cfg.batch_size, seed)
 
         def run_fedmpi(rows=rows, seed=seed) -> None:
-            train_client(fed_model, flat.params, rows, cfg, seed, fed_opt)
+            train_client(fed_model, rows, cfg, seed, fed_opt)
 
         def run_plain(batches=batches, seed=seed) -> None:
             plain_loop(plain_model, plain_opt, batches, seed, cfg.precision)

@@ -56,13 +56,17 @@ def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="YAML file of settings (keys as flag names)"
     )
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in config_fields():
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
         flag = "--" + f.name.replace("_", "-")
         text = f"{f.metadata['help']} (default: {_show_default(f)})"
         if field_type(f.name) is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+            groups[group].add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(
+            groups[group].add_argument(
                 flag,
                 type=lambda raw, name=f.name: _argparse_value(name, raw),
                 choices=f.metadata.get("choices"),

@@ -13,14 +13,14 @@ from torch import nn
 from fedmpi import precision
 from fedmpi.batching import DeviceRows
 from fedmpi.config import Config
+from fedmpi.flat import FlatParameters
+from fedmpi.hooks import RoundContext, RoundHook
 
 
 @dataclass
 class ClientResult:
-    examples: int  # training examples in the shard: the FedAvg weight
     loss_sum: float  # sum of per-batch mean losses x batch sizes, over all local epochs
     samples_seen: int  # examples processed, over all local epochs
-    steps: int
     stopped: bool  # cut short by a stop request (preemption): the round is void
 
 
@@ -36,17 +36,40 @@ def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def reset_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Put ``optimizer`` back in a fresh one's state, in place, where a fresh state is all
+    zeros: AdamW's step count and both moments (created at zero by the first step) are
+    zeroed, so the next step computes bit for bit what a new AdamW's first would. Returns
+    False (nothing touched) for an optimizer whose state does not start at zero."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return False
+    tensors = [value for state in optimizer.state.values() for value in state.values()]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if tensors:
+        torch._foreach_zero_(tensors)
+    return True
+
+
 class LocalOptimizers:
     """Each client's local optimizer: fresh every round, or, with ``--keep-local-opt``,
-    one per client kept across rounds (and checkpointed, as flat arrays per state key)."""
+    one per client kept across rounds (and checkpointed, as flat arrays per state key).
+
+    A "fresh" AdamW is one optimizer whose state is zeroed in place for each client
+    (``reset_state``): the same numbers as a new one, without allocating, page-faulting
+    and freeing two model-sized moments per client, which cost cross-device runs of many
+    one-step clients most of a step each (docs/benchmarks.md, per-client overhead)."""
 
     def __init__(self, cfg: Config, params: list[nn.Parameter]) -> None:
         self.cfg, self.params = cfg, params
         self.kept: dict[int, torch.optim.Optimizer] = {}
+        self.shared: torch.optim.Optimizer | None = None  # reused, reset, for every client
 
     def for_client(self, client: int) -> torch.optim.Optimizer:
         if not self.cfg.keep_local_opt:
-            return make_optimizer(self.cfg, self.params)
+            if self.shared is None or not reset_state(self.shared):
+                self.shared = make_optimizer(self.cfg, self.params)
+            return self.shared
         if client not in self.kept:
             self.kept[client] = make_optimizer(self.cfg, self.params)
         return self.kept[client]
@@ -102,32 +125,42 @@ def epoch_batches(
     return batches
 
 
-def add_proximal_gradient(
-    params: list[nn.Parameter], anchor: list[torch.Tensor], mu: float
-) -> None:
-    """FedProx: the gradient of mu/2 ||w - w_global||^2 is mu (w - w_global)."""
-    for param, global_value in zip(params, anchor, strict=True):
-        if param.grad is not None:
-            param.grad.add_(param.detach(), alpha=mu).sub_(global_value, alpha=mu)
+class FedProx(RoundHook):
+    """FedProx (Li et al. 2020): every local step adds the gradient of
+    mu/2 ||w - w_global||^2, mu (w - w_global), pulling each client toward the round's
+    global model."""
+
+    def __init__(self, flat: FlatParameters, mu: float) -> None:
+        self.flat, self.mu = flat, mu
+        self.anchor: list[torch.Tensor] | None = None  # the round's start, shaped as params
+
+    def start(self, ctx: RoundContext) -> None:
+        if self.anchor is None:  # the round keeps its start model in one buffer
+            self.anchor = self.flat.views(ctx.start)
+
+    def adjust_gradients(self) -> None:
+        for param, global_value in zip(self.flat.params, self.anchor, strict=True):
+            if param.grad is not None:
+                param.grad.add_(param.detach(), alpha=self.mu).sub_(global_value, alpha=self.mu)
 
 
 def train_client(
     model: nn.Module,
-    params: list[nn.Parameter],
     data: DeviceRows,
     cfg: Config,
     seed: int,
     optimizer: torch.optim.Optimizer,
-    anchor: list[torch.Tensor] | None = None,
+    adjust_gradients: Callable[[], None] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     compute: str | None = None,
 ) -> ClientResult:
     """Fine-tune ``model`` in place on ``data`` for ``cfg.local_epochs`` epochs.
 
-    ``seed`` fixes the data order and the dropout masks; ``anchor`` (the round's global
-    parameters) enables the FedProx term; ``progress(step, total, loss)`` is called at most
-    every 15 seconds for long rounds; ``should_stop()`` is checked after every step;
+    ``seed`` fixes the data order and the dropout masks; ``adjust_gradients()`` runs at
+    every step between the backward pass and the optimizer step, on true (unscaled)
+    gradients (the round's hooks, e.g. FedProx's term); ``progress(step, total, loss)`` is
+    called at most every 15 seconds for long rounds; ``should_stop()`` is checked after every step;
     ``compute`` is the autocast precision (default ``cfg.precision``).
     """
     model.train()
@@ -152,9 +185,9 @@ def train_client(
                 loss.backward()
             else:
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # true gradients, for the proximal term below
-            if anchor is not None:
-                add_proximal_gradient(params, anchor, cfg.prox_mu)
+                scaler.unscale_(optimizer)  # true gradients, for the hooks below
+            if adjust_gradients is not None:
+                adjust_gradients()
             if scaler is None:
                 optimizer.step()
             else:
@@ -167,5 +200,5 @@ def train_client(
                 progress(step, total_steps, float(loss.detach()))
                 last_report = time.monotonic()
             if should_stop():
-                return ClientResult(n, float(loss_sum), n * cfg.local_epochs, step, stopped=True)
-    return ClientResult(n, float(loss_sum), n * cfg.local_epochs, step, stopped=False)
+                return ClientResult(float(loss_sum), n * cfg.local_epochs, stopped=True)
+    return ClientResult(float(loss_sum), n * cfg.local_epochs, stopped=False)

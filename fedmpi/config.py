@@ -18,17 +18,39 @@ from fedmpi.partition import PartitionSpec
 
 SERVER_OPTIMIZERS = ("fedavg", "avgm", "adam", "yogi", "adagrad")
 DIAGNOSTICS_LEVELS = ("off", "norms", "full")
+# DP noise is drawn in float32 (numpy's float32 normals stay below 9 in magnitude): noise
+# of std z*C whose draws could pass float32's largest value would make the model inf.
+FLOAT32_MAX = 3.4028234663852886e38
+NOISE_DRAW_BOUND = 10.0
+# Above 10 a server learning rate is a typo, not a setting: the step would scale the
+# clients' average update more than tenfold (avgm) or move every weight by more than 10 a
+# round (adam, yogi, adagrad), and the weights diverge or overflow.
+MAX_SERVER_LR = 10.0
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+_SECTION = [""]  # the --help group of the fields declared next (see _section)
+
+
+def _section(title: str) -> None:
+    """Start a group of settings: the fields declared after it show under ``title`` in
+    ``--help`` (``Config``'s body calls it between its fields)."""
+    _SECTION[0] = title
+
+
+def _opt(default: Any, help: str, *, math: bool = True, **extra: Any) -> Any:
+    """A setting: its default, its help text, its --help group, and ``math=False`` for
+    settings that never change what a run computes (where it writes, how often it saves,
+    what it logs): a resumed run may change them and the report groups runs across them."""
+    return field(
+        default=default, metadata={"help": help, "group": _SECTION[0], "math": math, **extra}
+    )
 
 
 @dataclass
 class Config:
     """Everything that determines a run. Defaults are the offline demo: a few minutes on 2 CPUs."""
 
-    # What to train on.
+    _section("model and data")
     model: str = _opt(
         "minilm",
         "model: a built-in (minilm, mpnet, distil-minilm, albert-tiny), a paper alias (bert, "
@@ -74,7 +96,7 @@ class Config:
     )
     max_seq_len: int = _opt(64, "maximum tokens per example (longer ones are truncated)")
 
-    # Federation.
+    _section("federation")
     clients: int | None = _opt(
         None, "number of federated clients (default: one per MPI rank)", nullable="ranks"
     )
@@ -106,7 +128,7 @@ class Config:
     server_beta2: float = _opt(0.99, "second-moment decay of adam and yogi")
     server_tau: float = _opt(1e-3, "adaptivity (epsilon) of adam, yogi, adagrad")
 
-    # Local training.
+    _section("local training")
     local_epochs: int = _opt(1, "local epochs per round on each client")
     batch_size: int = _opt(16, "local training batch size")
     lr: float = _opt(5e-5, "local learning rate")
@@ -122,7 +144,7 @@ class Config:
         False, "batch examples of similar length together (less padding, same epoch coverage)"
     )
 
-    # What trains (and travels): the whole model, or LoRA adapters and the head.
+    _section("what trains and travels: the whole model, or LoRA adapters and the head")
     peft: str = _opt(
         "none",
         "parameter-efficient fine-tuning: none (every parameter trains and is averaged) or "
@@ -142,20 +164,11 @@ class Config:
         "keep every A matrix at its shared initialisation and train only B and the head: "
         "FedAvg of B is then exactly the average of the low-rank updates B A (FFA-LoRA)",
     )
-    eval_batch_size: int = _opt(64, "evaluation batch size")
-    eval_every: int = _opt(1, "evaluate the global model every N rounds (the last always)")
 
-    # Privacy and evaluation per client.
-    dp_clip: float | None = _opt(
-        None,
-        "DP-FedAvg: clip each client's update to this L2 norm C (turns on client-level DP: "
-        "Poisson cohorts, uniform weights, a fixed denominator); inf clips nothing",
-    )
-    dp_noise: float = _opt(
-        0.0, "DP-FedAvg noise multiplier z: Gaussian noise of std z*C on the sum of updates"
-    )
-    dp_delta: float | None = _opt(
-        None, "delta of the (epsilon, delta) guarantee (default: 1 / clients^1.1)"
+    _section("evaluation")
+    eval_batch_size: int = _opt(64, "evaluation batch size", math=False)
+    eval_every: int = _opt(
+        1, "evaluate the global model every N rounds (the last always)", math=False
     )
     eval_clients: bool = _opt(
         False,
@@ -171,11 +184,34 @@ class Config:
         "evaluated on their whole data: generalization to unseen clients",
     )
 
-    # Where and how.
+    _section("differential privacy (DP-FedAvg)")
+    dp_clip: float | None = _opt(
+        None,
+        "DP-FedAvg: clip each client's update to this L2 norm C (turns on client-level DP: "
+        "Poisson cohorts, uniform weights, a fixed denominator); inf clips nothing",
+    )
+    dp_noise: float = _opt(
+        0.0, "DP-FedAvg noise multiplier z: Gaussian noise of std z*C on the sum of updates"
+    )
+    dp_delta: float | None = _opt(
+        None,
+        "delta of the (epsilon, delta) guarantee, below 1 / (clients that train) "
+        "(default: 1 / clients^1.1)",
+    )
+    dp_noise_seed: int | None = _opt(
+        None,
+        "seed of the DP noise, for a reproducible run (tests, committed studies); without "
+        "it rank 0 draws a secret key from the operating system, kept in the checkpoint "
+        "only (never in the results or the log)",
+        seed=True,
+    )
+
+    _section("where and how")
     seed: int = _opt(
         42,
         "training seed: shards, cohorts, data order, dropout and the classifier head "
         "(the data itself follows --data-seed)",
+        seed=True,
     )
     precision: str = _opt(
         "fp32",
@@ -183,40 +219,78 @@ class Config:
         choices=("fp32", "bf16", "fp16"),
     )
     device: str = _opt(
-        "auto", "device: auto (CUDA when present), cpu or cuda", choices=("auto", "cpu", "cuda")
+        "auto",
+        "device: auto (CUDA when present), cpu or cuda",
+        choices=("auto", "cpu", "cuda"),
+        math=False,
     )
     threads: int | None = _opt(
-        None, "torch threads per rank (default: the rank's share of its node's cores)"
+        None,
+        "torch threads per rank (default: the rank's share of its node's cores)",
+        math=False,
     )
-    output: str | None = _opt(None, "output directory (default: runs/<date>-<model>-<dataset>)")
-    overwrite: bool = _opt(False, "allow writing into an output directory that holds results")
+    output: str | None = _opt(
+        None, "output directory (default: runs/<date>-<model>-<dataset>)", math=False
+    )
+    overwrite: bool = _opt(
+        False, "allow writing into an output directory that holds results", math=False
+    )
     cache_dir: str | None = _opt(
-        None, "tokenized-data cache (default: $FEDMPI_CACHE or ~/.cache/fedmpi)"
+        None,
+        "tokenized-data cache (default: $FEDMPI_CACHE or ~/.cache/fedmpi)",
+        math=False,
     )
     node_local_cache: bool = _opt(
         False,
         "--cache-dir is node-local (no filesystem all nodes share): rank 0 tokenizes, then "
         "sends the cache over MPI to one rank per node whose copy is missing or stale",
+        math=False,
     )
     checkpoint_every: int = _opt(
-        0, "write OUTPUT/checkpoint.h5 every N rounds (0: only when preempted)"
+        0,
+        "write OUTPUT/checkpoint.h5 every N rounds (0: only when preempted)",
+        math=False,
     )
-    resume: bool = _opt(False, "resume from OUTPUT/checkpoint.h5 (automatic when OUTPUT holds one)")
+    resume: bool = _opt(
+        False, "resume from OUTPUT/checkpoint.h5 (automatic when OUTPUT holds one)", math=False
+    )
     on_nonfinite: str = _opt(
         "abort",
         "a client whose update is NaN/inf: 'abort' the job, or 'skip' it (weight 0, logged)",
         choices=("abort", "skip"),
+        math=False,
     )
-    save_model: bool = _opt(False, "save the final global model as a Hugging Face directory")
-    trust_remote_code: bool = _opt(False, "allow models whose code lives on the hub")
+    save_model: bool = _opt(
+        False, "save the final global model as a Hugging Face directory", math=False
+    )
+    trust_remote_code: bool = _opt(False, "allow models whose code lives on the hub", math=False)
     verify_sync: bool = _opt(
-        False, "after each round, check every rank holds bit-identical parameters"
+        False,
+        "after each round, check every rank holds bit-identical parameters",
+        math=False,
     )
     diagnostics: str = _opt(
         "full",
         "per-round update diagnostics: off (non-finite check only), norms (client and "
         "global update norms), full (also leave-one-out cosines and per-layer drift)",
         choices=DIAGNOSTICS_LEVELS,
+        math=False,
+    )
+
+    _section("live tracking (rank 0 streams every round's row; docs/tracking.md)")
+    tensorboard: str | None = _opt(
+        None,
+        "write every round's scalars and per-client histograms as TensorBoard events to "
+        "this directory, one per run; 'none' for no TensorBoard",
+        nullable="none",
+        math=False,
+    )
+    wandb: str | None = _opt(
+        None,
+        "log every round and the configuration to this Weights & Biases project "
+        "(WANDB_MODE=offline keeps the run on disk for `wandb sync`); 'none' for no W&B",
+        nullable="none",
+        math=False,
     )
 
     def validate(self, world_size: int) -> None:
@@ -259,6 +333,17 @@ class Config:
         for name in ("server_lr", "server_tau"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.server_lr > MAX_SERVER_LR:
+            raise UsageError(
+                f"--server-lr must be at most {MAX_SERVER_LR:g}, got {self.server_lr:g}: the "
+                "server step scales the clients' average update by it (avgm) or moves every "
+                "weight by about it a round (adam, yogi, adagrad)"
+            )
+        if self.server_tau > 1:  # its square seeds the second moments, in float32
+            raise UsageError(
+                f"--server-tau must be at most 1, got {self.server_tau:g}: it is the small "
+                "constant of adam, yogi and adagrad that keeps their step finite (default 1e-3)"
+            )
         for name in ("server_momentum", "server_beta1", "server_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
@@ -284,6 +369,7 @@ class Config:
                 f"{self.num_clients(world_size)} clients to train"
             )
         self._validate_privacy(world_size)
+        self._validate_tracking()
         try:
             PartitionSpec.parse(self.partition)
         except ValueError as exc:
@@ -299,6 +385,12 @@ class Config:
                 raise UsageError(
                     f"--clients-per-round {per_round:g} exceeds the "
                     f"{self.participants(world_size)} clients that train"
+                )
+            training = self.participants(world_size)
+            if self.dp_clip is None and per_round < 1 and round(per_round * training) < 1:
+                raise UsageError(  # a fixed-size cohort; under DP it is a Poisson rate
+                    f"--clients-per-round {per_round:g} of the {training} clients that train "
+                    f"rounds to no client: use a fraction above {0.5 / training:.3g}, or a count"
                 )
         for name in (f.name for f in dataclasses.fields(self) if "choices" in f.metadata):
             choices = _FIELDS[name].metadata["choices"]
@@ -323,6 +415,8 @@ class Config:
         if self.dp_clip is None:
             if self.dp_noise or self.dp_delta is not None:
                 raise UsageError("--dp-noise and --dp-delta need --dp-clip (DP-FedAvg)")
+            if self.dp_noise_seed is not None:
+                raise UsageError("--dp-noise-seed needs --dp-clip (DP-FedAvg)")
             return
         if not self.dp_clip > 0:
             raise UsageError(f"--dp-clip must be positive, got {self.dp_clip}")
@@ -342,6 +436,42 @@ class Config:
                 "--dp-clip: client-level DP with a single training client protects nothing "
                 "(its update is the whole average): use more clients"
             )
+        population = self.participants(world_size)
+        per_round = self.clients_per_round
+        if per_round is not None and 0 < per_round < 1 and per_round * population < 1:
+            raise UsageError(
+                f"--clients-per-round {per_round:g} of the {population} clients that train "
+                f"expects {per_round * population:.3g} clients a round: DP-FedAvg divides by "
+                "the expected cohort, which must be at least one client"
+            )
+        if self.dp_delta is not None and self.dp_delta >= 1 / population:
+            raise UsageError(
+                f"--dp-delta {self.dp_delta:g} is not below 1 / {population} (the clients that "
+                "train): at that delta, publishing one random client's data outright meets "
+                f"the guarantee; use less than {1 / population:.3g} (default 1 / K^1.1)"
+            )
+        if self.dp_noise > 0 and self.dp_noise * self.dp_clip * NOISE_DRAW_BOUND > FLOAT32_MAX:
+            raise UsageError(
+                f"--dp-noise {self.dp_noise:g} times --dp-clip {self.dp_clip:g}: noise of "
+                f"standard deviation {self.dp_noise * self.dp_clip:.3g} (draws up to "
+                f"{NOISE_DRAW_BOUND:g} times that) overflows float32, whose largest value is "
+                f"{FLOAT32_MAX:.3g}"
+            )
+        if self.dp_noise_seed is not None and not 0 <= self.dp_noise_seed < 2**32:
+            raise UsageError(f"--dp-noise-seed must be in [0, 2^32), got {self.dp_noise_seed}")
+
+    def _validate_tracking(self) -> None:
+        """Refuse what W&B or TensorBoard would refuse only after set-up: an empty
+        directory, or a project name W&B rejects (its own rules: at most 128 characters,
+        none of / \\ # ? % :)."""
+        if self.tensorboard is not None and not self.tensorboard.strip():
+            raise UsageError("--tensorboard needs a directory, got an empty string")
+        if self.wandb is None:
+            return
+        bad = sorted(set(self.wandb) & set("/\\#?%:"))
+        if not self.wandb.strip() or len(self.wandb) > 128 or bad:
+            reason = f"it contains {' '.join(bad)}" if bad else "it needs 1 to 128 characters"
+            raise UsageError(f"--wandb: {self.wandb!r} is not a W&B project name: {reason}")
 
     def num_clients(self, world_size: int) -> int:
         return self.clients if self.clients is not None else world_size
@@ -435,6 +565,17 @@ def parse_value(name: str, raw: Any) -> Any:
 
 
 _EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def outside_the_math() -> set[str]:
+    """Settings that never change what a run computes (``math=False``)."""
+    return {f.name for f in _FIELDS.values() if not f.metadata["math"]}
+
+
+def seeds() -> set[str]:
+    """Settings that are seeds: they change the math, but are what varies between the
+    repetitions of one configuration."""
+    return {f.name for f in _FIELDS.values() if f.metadata.get("seed")}
 
 
 def config_fields() -> list[dataclasses.Field]:

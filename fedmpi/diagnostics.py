@@ -26,6 +26,7 @@ from mpi4py import MPI
 from fedmpi.comm import World
 from fedmpi.config import DIAGNOSTICS_LEVELS as LEVELS
 from fedmpi.flat import FlatParameters
+from fedmpi.hooks import RoundContext, RoundHook
 
 SAMPLE_SIZE = 2**20
 EMBEDDINGS = "embeddings"
@@ -77,7 +78,11 @@ def sample_stride(numel: int) -> int:
     return max(1, math.ceil(numel / SAMPLE_SIZE))
 
 
-class UpdateDiagnostics:
+class UpdateDiagnostics(RoundHook):
+    """The round's first hook: it measures each client's update (its norm doubles as the
+    non-finite check that drops a client), observes the average after the Allreduce and
+    gathers every client's numbers for the results row."""
+
     def __init__(self, flat: FlatParameters, n_clients: int, level: str = "full") -> None:
         if level not in LEVELS:
             raise ValueError(f"unknown diagnostics level {level!r}")
@@ -96,6 +101,28 @@ class UpdateDiagnostics:
         self.skipped = np.zeros(n_clients)
         self.cosines = np.zeros((n_clients, 2 + len(self.group_names)))
         self.samples: dict[int, tuple[float, torch.Tensor]] = {}  # client -> (weight, update)
+        self.health: dict[str, np.ndarray | float] = {}  # the last round's row
+
+    # ---------------------------------------------------------------- as a round hook
+
+    def start(self, ctx: RoundContext) -> None:
+        self.start_round()
+
+    def client_update(
+        self, ctx: RoundContext, client: int, weight: float, norm: float
+    ) -> float | None:
+        return self.record_client(client, weight, ctx.params, ctx.start)
+
+    def after_allreduce(self, ctx: RoundContext, average: torch.Tensor, arrived: float) -> None:
+        self.observe_average(average, ctx.denominator, ctx.start)
+
+    def after_server_step(self, ctx: RoundContext) -> None:
+        self.health = self.finish_round(ctx.world, ctx.cohort, ctx.params, ctx.start)
+
+    def row(self, ctx: RoundContext) -> dict:
+        return self.health
+
+    # ---------------------------------------------------------------- the measurements
 
     def _group_index(self, name: str) -> int:
         return self.group_names.index(name) if name in self.group_names else -1

@@ -149,7 +149,7 @@ class WeightedAllreduce:
             scale = 1.0
         if self.host is not None:
             self.host.copy_(self.payload)
-            self._reduce(self.host)
+            self._reduce(self.host, scale)  # 1.0 on a GPU: scaled above
             self.payload.copy_(self.host, non_blocking=False)
         else:
             if on_gpu:

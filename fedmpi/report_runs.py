@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmpi.config import outside_the_math, seeds
 from fedmpi.results import RESULTS_NAME, read_results
 
 LEARNED_STANDARD_ERRORS = 2.0
@@ -37,22 +38,7 @@ COLLAPSE_LOSS_RATIO = 0.95
 OUTCOMES = ("learned", "slow", "collapsed")
 _EPS = 1e-9
 # Settings that do not change what a run computes, or are what varies between its seeds.
-NOT_CONFIGURATION = {
-    "seed",
-    "output",
-    "overwrite",
-    "resume",
-    "threads",
-    "device",
-    "cache_dir",
-    "checkpoint_every",
-    "eval_batch_size",
-    "verify_sync",
-    "save_model",
-    "on_nonfinite",
-    "diagnostics",
-    "trust_remote_code",
-}
+NOT_CONFIGURATION = outside_the_math() | seeds()
 # Shown as their own columns (or, for clients, derived from the file), not in "setting".
 OWN_COLUMNS = ("model", "dataset", "clients", "batch_size", "lr")
 

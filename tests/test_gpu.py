@@ -143,18 +143,26 @@ def train_locally(
     initial parameters, so the proximal term pulls from the first step on; ``like``
     skips the steps that run skipped."""
     from fedmpi.batching import DeviceRows
-    from fedmpi.client import make_optimizer, train_client
+    from fedmpi.client import FedProx, make_optimizer, train_client
     from fedmpi.flat import FlatParameters
 
     model = copy.deepcopy(model).to(DEVICE)
     flat = FlatParameters(model)
     initial = flat.buffer.clone()
-    anchor = None if anchor_shift is None else flat.views(initial + anchor_shift.to(DEVICE))
+    prox = None
+    if anchor_shift is not None:  # the round's start model, moved away from the initial one
+        prox = FedProx(flat, config.prox_mu)
+        prox.anchor = flat.views(initial + anchor_shift.to(DEVICE))
     before = frozen_crc(model)
     optimizer = make_optimizer(config, flat.params)
     skipped = record_steps(optimizer, like.skipped if like else None)
     result = train_client(
-        model, flat.params, DeviceRows.from_rows(rows, DEVICE), config, 7, optimizer, anchor
+        model,
+        DeviceRows.from_rows(rows, DEVICE),
+        config,
+        7,
+        optimizer,
+        adjust_gradients=None if prox is None else prox.adjust_gradients,
     )
     return Trained(
         (flat.buffer - initial).cpu(),
@@ -241,6 +249,7 @@ def test_lora_on_a_bf16_base(toy_texts, tmp_path):
     assert_follows(trained, train_locally(upcast, rows, fp32, like=trained))
 
 
+@pytest.mark.mpi
 def test_staged_allreduce_equals_the_cpu_one():
     from conftest import run_mpi
 
@@ -318,12 +327,12 @@ def corpus_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
 
 
+@pytest.mark.mpi
 def test_four_ranks_on_one_gpu_end_bit_identical(tmp_path):
     """The real job, 4 ranks on the one device, bf16 compute, the Allreduce staged: every
     rank's parameters have the same CRC32 after every round (checked by the job itself
     with --verify-sync, and here from results.h5), and they moved between rounds."""
-    from conftest import random_bert, run_mpi
-    from test_train_mpi import fedmpi_args
+    from conftest import fedmpi_args, random_bert, run_mpi
 
     from fedmpi.results import read_results
 

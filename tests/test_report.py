@@ -38,12 +38,13 @@ def write_results(
     lr: float = 5e-5,
     test_sha256: str = "same-test-set",
     rounds: int | None = None,
+    **settings,
 ) -> Path:
     """A results file as fedmpi writes it, through ``ResultsWriter`` itself."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = Config(
         model=model, dataset="toy", clients=clients, rounds=rounds or len(accuracy), seed=seed,
-        lr=lr,
+        lr=lr, **settings,
     )  # fmt: skip
     attrs = {
         "config": cfg.to_json(),
@@ -418,3 +419,17 @@ def test_per_client_spread_epsilon_and_unseen_clients(tmp_path):
     assert float(row["holdout_accuracy"]) == 0.99 and float(row["epsilon"]) == 1.0
     assert "## Privacy and clients" in (out / "summary.md").read_text()
     assert (out / "privacy_m_toy.png").stat().st_size > 0  # accuracy against epsilon
+
+
+def test_settings_outside_the_math_do_not_split_a_group(tmp_path):
+    """Seeds run with another cache, output or tracker are one configuration; a setting
+    that changes the math (the local epochs) is another."""
+    write_results(tmp_path / "a", "m", 2, [0.5, 0.7], seed=1, node_local_cache=True)
+    write_results(tmp_path / "b", "m", 2, [0.5, 0.8], seed=2, cache_dir="/x", wandb="p")
+    write_results(tmp_path / "c", "m", 2, [0.5, 0.6], seed=3, dp_noise_seed=3)
+    write_results(tmp_path / "d", "m", 2, [0.5, 0.6], seed=1, local_epochs=2)
+    out = tmp_path / "report"
+    assert main([str(tmp_path), "--out", str(out)]) == 0
+    rows = read_csv(out / "summary.csv")
+    assert sorted(r["seeds"] for r in rows) == ["1", "3"]
+    assert {r["setting"] for r in rows} == {"local_epochs=1", "local_epochs=2"}
