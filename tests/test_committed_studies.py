@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDIES = [("study/runs", "study/report"), ("study/privacy/runs", "study/privacy/report")]
+STUDIES = [
+    ("study/runs", "study/report"),
+    ("study/pilot/runs", "study/pilot/report"),
+    ("study/privacy/runs", "study/privacy/report"),
+]
 
 
 @pytest.mark.parametrize(("runs", "report"), STUDIES)

@@ -587,6 +587,7 @@ def test_local_study_resumes_skips_and_cleans_up(tmp_path):
             "MODELS": "minilm",
             "TASKS": "tweets",
             "ARMS": "1x8 2x8 4x8",
+            "LRS": "5e-5",
             "SEEDS": "1",
         },
     )
