@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedmpi-installed
 
 STUDY_STAMP := $(VENV)/.fedmpi-study-installed
 
-.PHONY: install study-install run test test-fast lint bench study privacy report clean
+.PHONY: install study-install run test test-fast lint bench study study-pilot privacy report clean
 
 install: $(STAMP)
 
@@ -38,7 +38,7 @@ lint: install
 	$(VENV)/bin/ruff check fedmpi tests bench
 	$(VENV)/bin/ruff format --check fedmpi tests bench
 
-## The CPU study committed under study/ (39 runs, 1-2 h on 2 cores; resumable: rerun to continue),
+## The CPU study of docs/study.md (20 runs, ~2 h on 2 cores; resumable: rerun to continue),
 ## then its report: python -m fedmpi.report study/runs --output study/report.
 study-install: $(STUDY_STAMP)
 
@@ -49,6 +49,10 @@ $(STUDY_STAMP): requirements-study.txt | $(STAMP)
 study: install study-install
 	FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
 
+## The study's learning-rate pilot (9 runs, committed under study/pilot/; resumable).
+study-pilot: install
+	PILOT=1 FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
+
 ## The privacy-utility runs committed under study/privacy/ (8 runs, about 1 h on 2 cores;
 ## resumable), then their report.
 privacy: install
@@ -57,6 +61,7 @@ privacy: install
 ## Regenerate the committed studies' reports from their results files.
 report: install
 	$(PY) -m fedmpi.report study/runs --output study/report
+	$(PY) -m fedmpi.report study/pilot/runs --output study/pilot/report
 	$(PY) -m fedmpi.report study/privacy/runs --output study/privacy/report
 
 bench: install

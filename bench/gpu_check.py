@@ -50,8 +50,8 @@ import torch
 from runjob import DEFAULT_MPIEXEC, mpiexec_prefix
 from throughput import time_loops
 
-from fedmpi.batching import DeviceRows
 from fedmpi.config import Config
+from fedmpi.device_rows import DeviceRows
 
 HEADS = ("classifier", "score")  # the new head of BERT and of Llama classifiers
 GIB = 2**30

@@ -1,12 +1,13 @@
 """The Allreduce over real (simulated) network links: flat, sliced and per-tensor.
 
-Why: the 16 MB slices of ``fedmpi.fedavg`` were tuned on shared memory, and the cluster
-cost model of docs/benchmarks.md was on paper. This runs, on a ``bench/simcluster.py``
-cluster of N nodes x 1 rank (UCX over TCP on veth links shaped by ``tc``), the payloads of
-MiniLM and BERT-base three ways: one Allreduce over the flat buffer, the same in slices of
-several sizes, and one Allreduce per parameter tensor (what a per-tensor implementation
-or an unflattened DDP bucket of one tensor would do). Needs root; ``netem`` for the delay
-variants, skipped with a message where the kernel lacks it.
+Why: the 4 MB slices of ``fedmpi.fedavg`` (``FEDMPI_ALLREDUCE_CHUNK_MB``) were tuned on
+shared memory, and the cluster cost model of docs/benchmarks.md was on paper. This runs,
+on a ``bench/simcluster.py`` cluster of N nodes x 1 rank (UCX over TCP on veth links
+shaped by ``tc``), the payloads of MiniLM and BERT-base three ways: one Allreduce over
+the flat buffer, the same in slices of several sizes, and one Allreduce per parameter
+tensor (what a per-tensor implementation or an unflattened DDP bucket of one tensor would
+do). Needs root; ``netem`` for the delay variants, skipped with a message where the
+kernel lacks it.
 
     python bench/network.py [--nodes 2 4] [--rates 1gbit 10gbit 25gbit] [--repeats 2]
 

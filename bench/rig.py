@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmpi.batching import DeviceRows
 from fedmpi.comm import World
 from fedmpi.data import CacheInfo
+from fedmpi.device_rows import DeviceRows
 from fedmpi.flat import FlatParameters
 from fedmpi.prepare import FederationPlan, Job
 

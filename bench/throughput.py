@@ -7,7 +7,7 @@ same initial weights) on the same Rotten Tomatoes rows (from fedmpi's token cach
 exists, else a few hundred texts tokenized with fedmpi.data), batch 16, max length 64,
 each batch padded to its longest row, fused AdamW (lr 5e-5), ``--threads`` torch threads:
 
-* fedmpi: ``fedmpi.client.train_client`` on ``fedmpi.batching.DeviceRows``, with the
+* fedmpi: ``fedmpi.client.train_client`` on ``fedmpi.device_rows.DeviceRows``, with the
   parameters flattened by ``fedmpi.flat.FlatParameters`` and the optimizer from
   ``fedmpi.client.make_optimizer``, exactly as a round runs them;
 * plain: ``model(**batch).loss.backward(); opt.step(); opt.zero_grad()`` over batches
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from fedmpi import data
-from fedmpi.batching import DeviceRows
 from fedmpi.client import make_optimizer, train_client
 from fedmpi.config import Config
+from fedmpi.device_rows import DeviceRows
 from fedmpi.flat import FlatParameters
 from fedmpi.models import load_model, load_tokenizer, quiet_transformers
 

@@ -12,9 +12,11 @@ fingerprint (the configuration that determines the result, the number of clients
 identity of the data, the content of the model's weights) refuses a checkpoint of another
 run.
 
-Nothing else needs saving: every random stream (shards, cohorts, data order, dropout,
-noise) is a function of (seed, client, round), so the round number is the whole sampler
-and RNG state.
+Nothing else needs saving: every random stream (shards, cohorts, data order, dropout) is
+a function of (seed, client, round), so the round number is the whole sampler and RNG
+state. The DP noise is a function of (noise key, round): the key is secret, drawn by
+rank 0 unless ``--dp-noise-seed`` is given, and travels in the checkpoint only (the
+privacy state, dataset ``privacy/noise_key``), so a resumed run continues the same noise.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} (default: {_show_default(f)})"
+        text = f"{f.metadata['help']} (default: {show_default(f)})"
         if field_type(f.name) is bool:
             groups[group].add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
@@ -76,7 +76,8 @@ def build_parser(is_root: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _show_default(f: Any) -> str:
+def show_default(f: Any) -> str:
+    """A setting's default as --help shows it (and docs/cli.md's table)."""
     if f.default is None:
         return f.metadata.get("nullable") or "see text"
     return str(f.default)

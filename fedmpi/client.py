@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fedmpi import precision
-from fedmpi.batching import DeviceRows
 from fedmpi.config import Config
+from fedmpi.device_rows import DeviceRows
 from fedmpi.flat import FlatParameters
 from fedmpi.hooks import RoundContext, RoundHook
 
@@ -73,6 +73,12 @@ class LocalOptimizers:
         if client not in self.kept:
             self.kept[client] = make_optimizer(self.cfg, self.params)
         return self.kept[client]
+
+    def release(self) -> None:
+        """Free the shared optimizer's state once a rank's clients of the round have
+        trained: held through the Allreduce and the evaluation, it raised the default job's
+        peak by ~100 MiB a rank (mimalloc). Kept optimizers stay."""
+        self.shared = None
 
     def state_arrays(self, client: int) -> dict[str, np.ndarray] | None:
         """The client's optimizer state, each key's tensors concatenated in parameter

@@ -22,6 +22,11 @@ DIAGNOSTICS_LEVELS = ("off", "norms", "full")
 # of std z*C whose draws could pass float32's largest value would make the model inf.
 FLOAT32_MAX = 3.4028234663852886e38
 NOISE_DRAW_BOUND = 10.0
+# Adaptive clipping (Andrew et al. 2021): the geometric step of the clip bound, and the
+# noise on the count of unclipped clients as a share of the expected cohort (TFF's
+# defaults, learning_rate 0.2 and clipped_count_stddev 0.05 * clients_per_round).
+DEFAULT_CLIP_LR = 0.2
+CLIP_COUNT_NOISE_SHARE = 0.05
 # Above 10 a server learning rate is a typo, not a setting: the step would scale the
 # clients' average update more than tenfold (avgm) or move every weight by more than 10 a
 # round (adam, yogi, adagrad), and the weights diverge or overflow.
@@ -184,6 +189,20 @@ class Config:
         "evaluated on their whole data: generalization to unseen clients",
     )
 
+    _section("update compression (docs/compression.md)")
+    compress: str = _opt(
+        "none",
+        "each client's update as it would be uploaded: none, bf16, fp16, int8 or int4 (an "
+        "fp32 scale per block of 256 values, stochastic rounding: unbiased), topk:F (the "
+        "fraction F of largest magnitude) or randk:F (a random fraction F, scaled by 1/F: "
+        "unbiased)",
+    )
+    error_feedback: bool = _opt(
+        False,
+        "each client keeps what compression dropped from its update and adds it to its next "
+        "one (one fp32 copy of the trainable parameters per client on its rank; checkpointed)",
+    )
+
     _section("differential privacy (DP-FedAvg)")
     dp_clip: float | None = _opt(
         None,
@@ -204,6 +223,34 @@ class Config:
         "it rank 0 draws a secret key from the operating system, kept in the checkpoint "
         "only (never in the results or the log)",
         seed=True,
+    )
+    dp_noise_cohort: int | None = _opt(
+        None,
+        "simulate a deployment's cohort of N clients (pfl-research's noise_cohort_size): "
+        "noise of std z*C/N on the average, as N clients would get, and the accountant's "
+        "rate N / --dp-population; at least the expected cohort; the epsilon is then simulated",
+    )
+    dp_population: int | None = _opt(
+        None,
+        "the population the accountant samples the cohort from (rate = cohort / M), for a "
+        "simulated deployment; the default delta follows it (default: the clients that train)",
+    )
+    dp_clip_quantile: float | None = _opt(
+        None,
+        "adaptive clipping (Andrew et al. 2021): move the clip bound, from --dp-clip, toward "
+        "this quantile of the clients' update norms, by a noised count of unclipped clients",
+    )
+    dp_clip_lr: float | None = _opt(
+        None,
+        f"adaptive clipping's geometric step eta: C <- C exp(-eta (b - quantile)) "
+        f"({DEFAULT_CLIP_LR:g} when --dp-clip-quantile is given)",
+    )
+    dp_clip_count_noise: float | None = _opt(
+        None,
+        "adaptive clipping: std sigma_b of the noise on the count of unclipped clients "
+        f"(default: the expected cohort / {1 / CLIP_COUNT_NOISE_SHARE:g}, as TFF; 0 without "
+        "noise); the update's noise multiplier becomes (z^-2 - (2 sigma_b)^-2)^-1/2 so that "
+        "both together spend what --dp-noise z alone would",
     )
 
     _section("where and how")
@@ -369,6 +416,7 @@ class Config:
                 f"{self.num_clients(world_size)} clients to train"
             )
         self._validate_privacy(world_size)
+        self._validate_compression()
         self._validate_tracking()
         try:
             PartitionSpec.parse(self.partition)
@@ -417,6 +465,17 @@ class Config:
                 raise UsageError("--dp-noise and --dp-delta need --dp-clip (DP-FedAvg)")
             if self.dp_noise_seed is not None:
                 raise UsageError("--dp-noise-seed needs --dp-clip (DP-FedAvg)")
+            if self.dp_noise_cohort is not None or self.dp_population is not None:
+                raise UsageError("--dp-noise-cohort and --dp-population need --dp-clip (DP-FedAvg)")
+            if self.dp_clip_quantile is not None:
+                raise UsageError("--dp-clip-quantile needs --dp-clip (its initial clip bound)")
+        if self.dp_clip_quantile is None and (
+            self.dp_clip_lr is not None or self.dp_clip_count_noise is not None
+        ):
+            raise UsageError(
+                "--dp-clip-lr and --dp-clip-count-noise need --dp-clip-quantile (adaptive clipping)"
+            )
+        if self.dp_clip is None:
             return
         if not self.dp_clip > 0:
             raise UsageError(f"--dp-clip must be positive, got {self.dp_clip}")
@@ -444,21 +503,108 @@ class Config:
                 f"expects {per_round * population:.3g} clients a round: DP-FedAvg divides by "
                 "the expected cohort, which must be at least one client"
             )
-        if self.dp_delta is not None and self.dp_delta >= 1 / population:
+        self._validate_simulation(population)
+        accounted = self.dp_accounting_population(population)
+        if self.dp_delta is not None and self.dp_delta >= 1 / accounted:
+            whose = "the clients that train" if self.dp_population is None else "--dp-population"
             raise UsageError(
-                f"--dp-delta {self.dp_delta:g} is not below 1 / {population} (the clients that "
-                "train): at that delta, publishing one random client's data outright meets "
-                f"the guarantee; use less than {1 / population:.3g} (default 1 / K^1.1)"
+                f"--dp-delta {self.dp_delta:g} is not below 1 / {accounted} ({whose}): at "
+                "that delta, publishing one random client's data outright meets the "
+                f"guarantee; use less than {1 / accounted:.3g} (default 1 / K^1.1)"
             )
-        if self.dp_noise > 0 and self.dp_noise * self.dp_clip * NOISE_DRAW_BOUND > FLOAT32_MAX:
+        self._validate_adaptive_clipping(population)
+        update_noise = self.dp_update_noise(population)
+        if update_noise > 0 and update_noise * self.dp_clip * NOISE_DRAW_BOUND > FLOAT32_MAX:
             raise UsageError(
                 f"--dp-noise {self.dp_noise:g} times --dp-clip {self.dp_clip:g}: noise of "
-                f"standard deviation {self.dp_noise * self.dp_clip:.3g} (draws up to "
+                f"standard deviation {update_noise * self.dp_clip:.3g} (draws up to "
                 f"{NOISE_DRAW_BOUND:g} times that) overflows float32, whose largest value is "
                 f"{FLOAT32_MAX:.3g}"
             )
         if self.dp_noise_seed is not None and not 0 <= self.dp_noise_seed < 2**32:
             raise UsageError(f"--dp-noise-seed must be in [0, 2^32), got {self.dp_noise_seed}")
+
+    def _validate_simulation(self, participants: int) -> None:
+        """--dp-noise-cohort N and --dp-population M (a simulated deployment): N at least
+        the real expected cohort (less would add less noise than this run's own cohort
+        needs), M at least the clients that train, N at most M."""
+        cohort, population = self.dp_noise_cohort, self.dp_population
+        for name, value in (("dp_noise_cohort", cohort), ("dp_population", population)):
+            if value is not None and value < 1:
+                raise UsageError(f"--{_flag(name)} must be a positive integer, got {value}")
+        if population is not None and population < participants:
+            raise UsageError(
+                f"--dp-population {population} is below the {participants} clients that "
+                "train: the simulated population must hold them"
+            )
+        if cohort is None:
+            return
+        if population is None:
+            raise UsageError(
+                f"--dp-noise-cohort {cohort} needs --dp-population M: the population a cohort "
+                f"of {cohort} is drawn from, for the accountant's rate {cohort} / M"
+            )
+        expected = self.dp_sample_rate(participants) * participants
+        if cohort < expected * (1 - 1e-12):
+            raise UsageError(
+                f"--dp-noise-cohort {cohort} is below this run's expected cohort of "
+                f"{expected:g} clients a round: it would add less noise than the real cohort "
+                f"needs; use at least {math.ceil(expected * (1 - 1e-12))}"
+            )
+        if cohort > population:
+            raise UsageError(
+                f"--dp-noise-cohort {cohort} exceeds --dp-population {population}: a cohort "
+                "is drawn from the population"
+            )
+
+    def _validate_adaptive_clipping(self, participants: int) -> None:
+        """--dp-clip-quantile Q (and its step and count noise): Q in (0, 1), a finite
+        initial bound, a positive step, and count noise large enough that the update's
+        noise multiplier (z^-2 - (2 sigma_b)^-2)^-1/2 exists."""
+        quantile = self.dp_clip_quantile
+        if quantile is None:
+            return
+        if not 0 < quantile < 1:
+            raise UsageError(f"--dp-clip-quantile must be in (0, 1), got {quantile:g}")
+        if self.dp_clip == math.inf:
+            raise UsageError(
+                "--dp-clip-quantile needs a finite --dp-clip: it is the initial clip bound"
+            )
+        if self.dp_clip_lr is not None and not self.dp_clip_lr > 0:
+            raise UsageError(f"--dp-clip-lr must be positive, got {self.dp_clip_lr:g}")
+        if self.dp_clip_count_noise is not None and self.dp_clip_count_noise < 0:
+            raise UsageError(
+                f"--dp-clip-count-noise must be >= 0, got {self.dp_clip_count_noise:g}"
+            )
+        sigma = self.dp_clip_count_std(participants)
+        if self.dp_noise > 0 and not 2 * sigma > self.dp_noise:
+            share = 1 / CLIP_COUNT_NOISE_SHARE
+            default = (
+                f" (the default: the noise cohort {self.dp_noise_cohort_size(participants):g} "
+                f"/ {share:g}; a cohort above {self.dp_noise / 2 * share:g} clients, or "
+                "--dp-noise-cohort, makes it enough)"
+                if self.dp_clip_count_noise is None
+                else ""
+            )
+            raise UsageError(
+                f"--dp-noise {self.dp_noise:g} with adaptive clipping needs "
+                f"--dp-clip-count-noise above {self.dp_noise / 2:g}, got {sigma:g}{default}: "
+                "the count of unclipped clients takes a share of the privacy budget, and the "
+                "update's noise multiplier (z^-2 - (2 sigma_b)^-2)^-1/2 exists only if "
+                "2 sigma_b > z"
+            )
+
+    def _validate_compression(self) -> None:
+        from fedmpi.compression import CompressionSpec  # torch: imported only to validate
+
+        try:
+            spec = CompressionSpec.parse(self.compress)
+        except ValueError as exc:
+            raise UsageError(f"--compress: {exc}") from None
+        if self.error_feedback and spec.kind == "none":
+            raise UsageError(
+                "--error-feedback needs --compress (with none, nothing is dropped to feed back)"
+            )
 
     def _validate_tracking(self) -> None:
         """Refuse what W&B or TensorBoard would refuse only after set-up: an empty
@@ -487,6 +633,48 @@ class Config:
         if per_round is None:
             return 1.0
         return per_round if per_round < 1 else min(1.0, per_round / participants)
+
+    def dp_noise_cohort_size(self, participants: int) -> float:
+        """m, the cohort whose noise DP-FedAvg adds (std z C / m on the average): the
+        expected cohort q K, or --dp-noise-cohort (a simulated deployment)."""
+        if self.dp_noise_cohort is not None:
+            return float(self.dp_noise_cohort)
+        return self.dp_sample_rate(participants) * participants
+
+    def dp_accounting_population(self, participants: int) -> int:
+        """The population the accountant samples from: --dp-population, or the clients
+        that train."""
+        return self.dp_population if self.dp_population is not None else participants
+
+    def dp_accounting_rate(self, participants: int) -> float:
+        """The accountant's sampling rate: q, or m / --dp-population (simulated)."""
+        if self.dp_population is None:
+            return self.dp_sample_rate(participants)
+        return self.dp_noise_cohort_size(participants) / self.dp_population
+
+    def dp_clip_count_std(self, participants: int) -> float:
+        """sigma_b, the std of the noise on the count of unclipped clients (adaptive
+        clipping; 0 without it): --dp-clip-count-noise, or m / 20 (0 without noise)."""
+        if self.dp_clip_quantile is None:
+            return 0.0
+        if self.dp_clip_count_noise is not None:
+            return self.dp_clip_count_noise
+        if self.dp_noise == 0:
+            return 0.0
+        return CLIP_COUNT_NOISE_SHARE * self.dp_noise_cohort_size(participants)
+
+    def dp_update_noise(self, participants: int) -> float:
+        """z_Delta, the noise multiplier of the update: --dp-noise z, or under adaptive
+        clipping (z^-2 - (2 sigma_b)^-2)^-1/2, so that the update and the count together
+        are one Gaussian mechanism of multiplier z (Andrew et al. 2021, section 3); inf
+        where no z_Delta does that (2 sigma_b <= z, refused)."""
+        z = self.dp_noise
+        if self.dp_clip_quantile is None or z == 0:
+            return z
+        sigma = self.dp_clip_count_std(participants)
+        if not 2 * sigma > z:
+            return math.inf
+        return (z**-2 - (2 * sigma) ** -2) ** -0.5
 
     def cohort_size(self, world_size: int) -> int | None:
         """Clients per round as a count (None: all of the participating clients)."""

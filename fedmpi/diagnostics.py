@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from fedmpi import results_keys as rk
 from fedmpi.comm import World
 from fedmpi.config import DIAGNOSTICS_LEVELS as LEVELS
 from fedmpi.flat import FlatParameters
@@ -184,19 +185,19 @@ class UpdateDiagnostics(RoundHook):
         absent |= skipped > 0
         norms[absent] = np.nan
         cosines[absent] = np.nan
-        row: dict[str, np.ndarray | float] = {"clients/skipped": (skipped > 0).astype(np.int8)}
+        row: dict[str, np.ndarray | float] = {rk.SKIPPED: (skipped > 0).astype(np.int8)}
         if self.level == "off":
             return row
-        row["diagnostics/client_update_norm"] = norms
+        row[rk.UPDATE_NORM] = norms
         if self.level == "norms":
-            row["diagnostics/global_update_norm"] = math.sqrt(squared_distance(new, start))
+            row[rk.GLOBAL_UPDATE_NORM] = math.sqrt(squared_distance(new, start))
             return row
         drift_sq, size_sq = self._group_drift(new, start)
-        row["diagnostics/global_update_norm"] = float(np.sqrt(drift_sq.sum()))
-        row["diagnostics/client_update_cosine"] = cosines[:, 0]
-        row["diagnostics/client_update_cosine_no_embeddings"] = cosines[:, 1]
-        row["diagnostics/client_update_cosine_by_group"] = cosines[:, 2:]
-        row["diagnostics/layer_drift"] = np.sqrt(drift_sq / np.maximum(size_sq, 1e-30))
+        row[rk.GLOBAL_UPDATE_NORM] = float(np.sqrt(drift_sq.sum()))
+        row[rk.UPDATE_COSINE] = cosines[:, 0]
+        row[rk.UPDATE_COSINE_NO_EMBEDDINGS] = cosines[:, 1]
+        row[rk.UPDATE_COSINE_BY_GROUP] = cosines[:, 2:]
+        row[rk.LAYER_DRIFT] = np.sqrt(drift_sq / np.maximum(size_sq, 1e-30))
         return row
 
     def _leave_one_out_cosines(

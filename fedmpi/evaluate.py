@@ -12,8 +12,8 @@ from mpi4py import MPI
 from torch import nn
 
 from fedmpi import precision
-from fedmpi.batching import DeviceRows
 from fedmpi.comm import World, wait_for_all
+from fedmpi.device_rows import DeviceRows
 
 
 @dataclass

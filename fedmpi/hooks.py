@@ -1,13 +1,14 @@
 """What a per-round feature can do, and when: the hook interface of ``fedmpi.round``.
 
-A feature that acts on every round (differential privacy, diagnostics, FedProx; update
-compression, deadline dropouts or personalization next) is a ``RoundHook``. The round
+A feature that acts on every round (diagnostics, update compression, differential privacy,
+FedProx; deadline dropouts or personalization next) is a ``RoundHook``. The round
 calls its hooks at fixed points of its phases; a hook overrides only the methods it needs.
 
 Hooks are layers around the aggregation, like Flower's strategy wrappers: on the way *in*
 (``client_update``) they run in list order, on the way *out* (``after_allreduce``) in
-reverse order. With ``[diagnostics, privacy]`` a client's update is measured, then
-clipped; after the Allreduce the noise is added, then the noised average is observed.
+reverse order. With ``[diagnostics, compression, privacy]`` a client's update is
+measured, compressed as it would be sent, then clipped; after the Allreduce the noise is
+added, then the noised average is observed.
 
     round:  cohort -> start -> local training  (adjust_gradients at every local step)
                             -> client_update     per client, in list order

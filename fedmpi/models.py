@@ -415,7 +415,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
                 "token to pad with"
             )
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # fedmpi's own padding (batching.DeviceRows) is on the right
+    tokenizer.padding_side = "right"  # fedmpi pads on the right (device_rows.DeviceRows)
     return tokenizer
 
 

@@ -31,7 +31,7 @@ from fedmpi import (
     provenance,
     splits,
 )
-from fedmpi.batching import DeviceRows
+from fedmpi import results_keys as rk
 from fedmpi.comm import (
     World,
     collectively,
@@ -43,6 +43,7 @@ from fedmpi.comm import (
     usable_cores,
 )
 from fedmpi.config import Config
+from fedmpi.device_rows import DeviceRows
 from fedmpi.errors import UsageError
 from fedmpi.flat import FlatParameters
 from fedmpi.partition import (
@@ -191,14 +192,23 @@ def _place(cfg: Config, world: World) -> str:
         torch.set_num_threads(threads)
     log(
         world,
-        f"{world.size} ranks, {cfg.num_clients(world.size)} clients, device {device}"
-        + (f", {threads} torch threads per rank" if device == "cpu" else "")
-        + f", malloc {allocator.describe()}",
+        startup_line(
+            world.size, cfg.num_clients(world.size), device, threads, allocator.describe()
+        ),
     )
     layout = node_layout(world)
     if ";" in layout:  # more than one node
         log(world, f"nodes: {layout}")
     return device
+
+
+def startup_line(ranks: int, clients: int, device: str, threads: int, malloc: str) -> str:
+    """The first log line of a run (README.md quotes it; tests/test_docs.py checks it)."""
+    return (
+        f"{ranks} ranks, {clients} clients, device {device}"
+        + (f", {threads} torch threads per rank" if device == "cpu" else "")
+        + f", malloc {malloc}"
+    )
 
 
 def _plan_federation(
@@ -340,14 +350,14 @@ def _test_identity(cache: Path, rows: np.ndarray, val_rows: np.ndarray, n_classe
     test = data.read_rows(cache, "test", rows)
     identity = {
         **provenance.baselines(test.labels, n_classes),
-        "test_sha256": provenance.rows_sha256(test),
+        rk.TEST_SHA256: provenance.rows_sha256(test),
     }
     if len(val_rows):
         val = data.read_rows(cache, "train", val_rows)
         baselines = provenance.baselines(val.labels, n_classes)
-        identity["val_majority_rate"] = baselines["majority_rate"]
-        identity["val_examples"] = len(val_rows)
-        identity["val_sha256"] = provenance.rows_sha256(val)
+        identity[rk.VAL_MAJORITY_RATE] = baselines[rk.MAJORITY_RATE]
+        identity[rk.VAL_EXAMPLES] = len(val_rows)
+        identity[rk.VAL_SHA256] = provenance.rows_sha256(val)
     return identity
 
 
@@ -422,7 +432,11 @@ def _check_output(out_dir: Path, cfg: Config) -> bool:
         )
     folders = {
         models.SAVED_MODEL: ("--save-model", "the trained model", cfg.save_model),
-        checkpoint.CLIENT_STATES: ("--keep-local-opt", "optimizer states", cfg.keep_local_opt),
+        checkpoint.CLIENT_STATES: (
+            "--keep-local-opt" if cfg.keep_local_opt else "--error-feedback",
+            "the clients' states",
+            cfg.keep_local_opt or cfg.error_feedback,
+        ),
     }
     for name, (flag, what, used) in folders.items():
         folder = out_dir / name

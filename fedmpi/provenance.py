@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmpi import __version__
+from fedmpi import results_keys as rk
 from fedmpi.data import TokenizedRows
 
 
@@ -57,9 +58,9 @@ def baselines(labels: np.ndarray, n_classes: int) -> dict[str, float | int]:
     p = counts.max() / counts.sum()
     present = int((counts > 0).sum())
     return {
-        "majority_class": int(counts.argmax()),
-        "majority_rate": float(p),
-        "majority_macro_f1": float(2 * p / (1 + p) / present),
-        "chance": 1.0 / n_classes,
-        "test_examples": int(counts.sum()),
+        rk.MAJORITY_CLASS: int(counts.argmax()),
+        rk.MAJORITY_RATE: float(p),
+        rk.MAJORITY_MACRO_F1: float(2 * p / (1 + p) / present),
+        rk.CHANCE: 1.0 / n_classes,
+        rk.TEST_EXAMPLES: int(counts.sum()),
     }

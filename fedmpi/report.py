@@ -83,6 +83,7 @@ COLUMNS = [
     "bytes_total",
     "seconds_per_round",
     "epsilon",
+    "epsilon_simulated",
     "client_accuracy_mean",
     "client_accuracy_worst",
     "client_accuracy_p10",
@@ -152,6 +153,9 @@ def summary_rows(groups: list[Group], reach: float, root: Path) -> list[dict[str
                     group.stat(lambda r: float(_nanmean(r.round_seconds)))[0]
                 ),
                 "epsilon": _or_none(group.stat(lambda r: r.final_epsilon)[0]),
+                "epsilon_simulated": (
+                    any(r.dp_simulated for r in group.runs) if run.epsilon is not None else None
+                ),
                 **{
                     f"client_accuracy_{key}": _or_none(
                         group.stat(lambda r, k=key: r.final_client_spread().get(k, math.nan))[0]
@@ -166,8 +170,10 @@ def summary_rows(groups: list[Group], reach: float, root: Path) -> list[dict[str
 
 
 def _payload(group: Group) -> float:
-    values = [r.payload_bytes for r in group.runs if r.payload_bytes is not None]
-    return float(values[0][0]) if values else math.nan
+    """Bytes a client sends a round: its compressed upload (``comm/client_upload_bytes``)
+    where the runs record it, else the Allreduce payload."""
+    values = [r.bytes_per_client_round for r in group.runs]
+    return next((v for v in values if not math.isnan(v)), math.nan)
 
 
 def _nanmean(values: np.ndarray | None) -> float:
@@ -322,7 +328,10 @@ def write_markdown(
             "Per-client accuracy on each client's own held-out examples at the last scored "
             "round (mean over seeds of: the mean, worst, 10th percentile and standard "
             "deviation across clients); `unseen`: pooled accuracy on clients that never "
-            "trained; epsilon of DP-FedAvg after the last round (inf: no noise).",
+            "trained; epsilon of DP-FedAvg after the last round (inf: no noise; "
+            "`simulated`: the epsilon of the deployment that --dp-noise-cohort and "
+            "--dp-population describe, whose noise the run added, not of the run's own "
+            "clients).",
             "",
             "| model | dataset | clients | setting | seeds | final acc | epsilon | client mean "
             "| worst | p10 | spread (sd) | unseen |",
@@ -336,7 +345,7 @@ def write_markdown(
                 row["setting"],
                 str(row["seeds"]),
                 _pm(row, "final_accuracy"),
-                _cell(row["epsilon"], 2),
+                _cell(row["epsilon"], 2) + (" (simulated)" if row["epsilon_simulated"] else ""),
             ]
             cells += [
                 _cell(row[f"client_accuracy_{k}"], 3) for k in ("mean", "worst", "p10", "std")

@@ -193,7 +193,17 @@ def privacy_utility(groups: list[Group], path: Path) -> Path:
             ax.axhline(mean, color="green", linestyle="-.", label="no noise (epsilon = inf)")
     _majority(ax, groups)
     run = groups[0].first
-    ax.set(xlabel="epsilon", ylabel="final test accuracy", title=f"{run.model} on {run.dataset}")
+    simulated = [g for g in finite if any(r.dp_simulated for r in g.runs)]
+    for group in simulated:  # the epsilon of a deployment the run simulated
+        ax.annotate(
+            "simulated",
+            (group.stat(lambda r: r.final_epsilon)[0], group.stat(lambda r: r.final_accuracy)[0]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize="x-small",
+        )
+    xlabel = "epsilon (simulated: --dp-noise-cohort)" if simulated else "epsilon"
+    ax.set(xlabel=xlabel, ylabel="final test accuracy", title=f"{run.model} on {run.dataset}")
     ax.legend(fontsize="small")
     return _save(fig, path)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmpi import results_keys as rk
 from fedmpi.config import outside_the_math, seeds
 from fedmpi.results import RESULTS_NAME, read_results
 
@@ -62,11 +63,13 @@ class Run:
     test_examples: int = 0
     test_sha256: str = ""
     payload_bytes: np.ndarray | None = None  # per round, what one rank sends
+    upload_bytes: np.ndarray | None = None  # (rounds, clients): compressed uploads, NaN: none
     cohort_sizes: np.ndarray | None = None  # per round, clients that trained
     round_seconds: np.ndarray | None = None
     mean_cosine: np.ndarray | None = None  # per round, mean leave-one-out client cosine
     global_norm: np.ndarray | None = None
     epsilon: np.ndarray | None = None  # per round, DP-FedAvg's epsilon
+    dp_simulated: bool = False  # that epsilon is a simulated deployment's (--dp-noise-cohort)
     client_accuracy: np.ndarray | None = None  # (rounds, clients), on each client's own rows
     holdout_accuracy: np.ndarray | None = None  # per round, pooled over never-trained clients
     train_loss: np.ndarray | None = None  # per round
@@ -219,10 +222,21 @@ class Run:
 
     @property
     def bytes_total(self) -> float:
-        """Bytes all participating clients uploaded over the run (each sends the payload)."""
+        """Bytes all participating clients uploaded over the run: their compressed uploads
+        where recorded (``--compress``), else each sends the payload."""
+        if self.upload_bytes is not None:
+            return float(np.nansum(self.upload_bytes))
         if self.payload_bytes is None or self.cohort_sizes is None:
             return math.nan
         return float(np.sum(self.payload_bytes * self.cohort_sizes))
+
+    @property
+    def bytes_per_client_round(self) -> float:
+        """What one client uploads in a round: the mean of its compressed uploads where
+        recorded (``--compress``), else the first round's Allreduce payload."""
+        if self.upload_bytes is not None and np.isfinite(self.upload_bytes).any():
+            return float(np.nanmean(self.upload_bytes))
+        return float(self.payload_bytes[0]) if self.payload_bytes is not None else math.nan
 
     def group_key(self) -> str:
         """The configuration without what varies between seeds of one experiment."""
@@ -295,15 +309,15 @@ def load_run(path: Path) -> Run:
         raise ReportError(f"{path}: its 'config' attribute has no model/dataset")
     if not isinstance(labels, list) or len(labels) < 2:
         raise ReportError(f"{path}: 'label_names' must list at least 2 classes")
-    accuracy = np.asarray(data.get("metrics/test_accuracy", []), dtype=float).reshape(-1)
+    accuracy = np.asarray(data.get(rk.TEST_ACCURACY, []), dtype=float).reshape(-1)
     n = len(accuracy)
     if n == 0:
-        raise ReportError(f"{path}: no metrics/test_accuracy (no round finished?)")
-    rounds = _per_round(data, "round", n)
+        raise ReportError(f"{path}: no {rk.TEST_ACCURACY} (no round finished?)")
+    rounds = _per_round(data, rk.ROUND, n)
     rounds = np.arange(1, n + 1) if rounds is None or np.isnan(rounds).any() else rounds
-    cohort = _per_round(data, "clients/cohort", n)
-    cosine = _per_round(data, "diagnostics/client_update_cosine", n)
-    macro_f1 = _per_round(data, "metrics/test_macro_f1", n)
+    cohort = _per_round(data, rk.COHORT, n)
+    cosine = _per_round(data, rk.UPDATE_COSINE, n)
+    macro_f1 = _per_round(data, rk.TEST_MACRO_F1, n)
     return Run(
         path=path,
         config={**cfg, "clients": _num_clients(data, cfg, path)},
@@ -311,39 +325,41 @@ def load_run(path: Path) -> Run:
         rounds=rounds.astype(int),
         accuracy=accuracy,
         macro_f1=np.full(n, np.nan) if macro_f1 is None else macro_f1,
-        majority_rate=float(attrs.get("majority_rate", math.nan)),
-        majority_macro_f1=float(attrs.get("majority_macro_f1", math.nan)),
-        test_examples=int(attrs.get("test_examples", 0)),
-        test_sha256=str(attrs.get("test_sha256", "")),
-        payload_bytes=_per_round(data, "comm/payload_bytes", n),
+        majority_rate=float(attrs.get(rk.MAJORITY_RATE, math.nan)),
+        majority_macro_f1=float(attrs.get(rk.MAJORITY_MACRO_F1, math.nan)),
+        test_examples=int(attrs.get(rk.TEST_EXAMPLES, 0)),
+        test_sha256=str(attrs.get(rk.TEST_SHA256, "")),
+        payload_bytes=_per_round(data, rk.PAYLOAD_BYTES, n),
+        upload_bytes=_per_round(data, rk.CLIENT_UPLOAD_BYTES, n),
         cohort_sizes=None if cohort is None else cohort.reshape(n, -1).sum(axis=1),
-        round_seconds=_per_round(data, "timing/round_s", n),
+        round_seconds=_per_round(data, rk.ROUND_SECONDS, n),
         mean_cosine=None if cosine is None else _row_mean(cosine.reshape(n, -1)),
-        global_norm=_per_round(data, "diagnostics/global_update_norm", n),
-        epsilon=_per_round(data, "privacy/epsilon", n),
+        global_norm=_per_round(data, rk.GLOBAL_UPDATE_NORM, n),
+        epsilon=_per_round(data, rk.EPSILON, n),
+        dp_simulated=bool(attrs.get(rk.DP_SIMULATED, False)),
         client_accuracy=_clients_that_trained(data, n),
-        holdout_accuracy=_per_round(data, "metrics/holdout_accuracy", n),
-        train_loss=_per_round(data, "metrics/train_loss", n),
-        test_confusion=_per_round(data, "metrics/test_confusion", n),
-        val_accuracy=_per_round(data, "metrics/val_accuracy", n),
-        val_majority_rate=float(attrs.get("val_majority_rate", math.nan)),
+        holdout_accuracy=_per_round(data, rk.HOLDOUT_ACCURACY, n),
+        train_loss=_per_round(data, rk.TRAIN_LOSS, n),
+        test_confusion=_per_round(data, rk.TEST_CONFUSION, n),
+        val_accuracy=_per_round(data, rk.VAL_ACCURACY, n),
+        val_majority_rate=float(attrs.get(rk.VAL_MAJORITY_RATE, math.nan)),
     )
 
 
 def _clients_that_trained(data: dict[str, Any], n: int) -> np.ndarray | None:
     """``clients/test_accuracy`` without the held-out clients (they are reported pooled)."""
-    accuracy = _per_round(data, "clients/test_accuracy", n)
+    accuracy = _per_round(data, rk.CLIENT_TEST_ACCURACY, n)
     if accuracy is None:
         return None
-    holdout = np.asarray(data.get("clients/holdout", np.zeros(accuracy.shape[1]))).astype(bool)
+    holdout = np.asarray(data.get(rk.CLIENT_HOLDOUT, np.zeros(accuracy.shape[1]))).astype(bool)
     return accuracy[:, ~holdout]
 
 
 def _num_clients(data: dict[str, Any], cfg: dict[str, Any], path: Path) -> int:
     """``clients/sizes`` is the truth; ``config.clients`` is None for 'one per rank'."""
-    if "clients/sizes" in data:
-        return int(np.asarray(data["clients/sizes"]).size)
-    for value in (cfg.get("clients"), data["attrs"].get("num_clients")):
+    if rk.CLIENT_SIZES in data:
+        return int(np.asarray(data[rk.CLIENT_SIZES]).size)
+    for value in (cfg.get("clients"), data["attrs"].get(rk.NUM_CLIENTS)):
         if value is not None:
             return int(value)
     raise ReportError(f"{path}: cannot tell the number of clients")

@@ -7,6 +7,8 @@ code revision and ranks) and the run's provenance (``code_revision``, ``data_sha
 and one row per round in ``round``, ``launch``, ``metrics/*``, ``timing/*``, ``comm/*``,
 ``diagnostics/*``, ``clients/*``. Every per-round dataset has exactly one row per round
 (NaN, or -1 for integers, where a round did not measure it), so row i is ``round[i]``.
+Every key, its kind and its meaning are named in ``fedmpi.results_keys``; the writer
+refuses any other.
 
 The file is small and rewritten whole after every round, to a temporary file that is then
 renamed over it: a failure (a full disk, a kill) leaves the last complete version.
@@ -21,6 +23,7 @@ import h5py
 import numpy as np
 
 from fedmpi import atomic
+from fedmpi import results_keys as rk
 
 RESULTS_NAME = "results.h5"
 
@@ -34,7 +37,9 @@ class ResultsWriter:
         launch: dict,
     ):
         """``attrs``: root attributes (``config`` and ``label_names`` among them);
-        ``static``: datasets written once; ``launch``: this launch's entry (JSON-able)."""
+        ``static``: datasets written once; ``launch``: this launch's entry (JSON-able).
+        Every key must be named in ``fedmpi.results_keys``, as its kind."""
+        _check(attrs, static)
         self.path = path
         self.attrs = dict(attrs)
         self.static = {k: np.asarray(v) for k, v in static.items()}
@@ -55,12 +60,13 @@ class ResultsWriter:
         the checkpoint) are dropped, so every round appears exactly once; ``attrs`` and
         ``static`` (this launch's configuration and client-to-rank map) replace the old
         ones, and the launch is recorded."""
+        _check(attrs, static)
         writer = cls.__new__(cls)
         writer.path = path
         old = read_results(path)
-        writer.launches = json.loads(old["attrs"].get("launches", "[]"))
+        writer.launches = json.loads(old["attrs"].get(rk.LAUNCHES, "[]"))
         writer.attrs = {**old["attrs"], **attrs}
-        keep = np.asarray(old.get("round", []), dtype=np.int64) <= rounds_done
+        keep = np.asarray(old.get(rk.ROUND, []), dtype=np.int64) <= rounds_done
         writer.static, writer.rows = {}, {}
         for key in old["per_round"]:
             writer.rows[key] = list(np.asarray(old[key])[keep])
@@ -74,12 +80,14 @@ class ResultsWriter:
 
     @property
     def rounds_written(self) -> int:
-        return len(self.rows.get("round", []))
+        return len(self.rows.get(rk.ROUND, []))
 
     def append(self, values: dict[str, float | np.ndarray]) -> None:
-        """Append one round: keys are dataset paths such as ``metrics/test_accuracy``."""
+        """Append one round: keys are per-round keys of ``fedmpi.results_keys`` such as
+        ``metrics/test_accuracy``."""
+        rk.check(rk.PER_ROUND, values)
         n = self.rounds_written
-        values = {**values, "launch": len(self.launches) - 1}
+        values = {**values, rk.LAUNCH: len(self.launches) - 1}
         for key, value in values.items():
             row = np.asarray(value)
             if key not in self.rows:  # new this round: earlier rounds did not measure it
@@ -92,12 +100,18 @@ class ResultsWriter:
 
     def _write(self) -> None:
         with atomic.replacing(self.path) as tmp, h5py.File(tmp, "w") as f:
-            for key, value in {**self.attrs, "launches": json.dumps(self.launches)}.items():
+            for key, value in {**self.attrs, rk.LAUNCHES: json.dumps(self.launches)}.items():
                 f.attrs[key] = value
             for key, value in self.static.items():
                 f.create_dataset(key, data=value)
             for key, rows in self.rows.items():
                 f.create_dataset(key, data=np.stack(rows)).attrs["per_round"] = 1
+
+
+def _check(attrs: dict, static: dict) -> None:
+    """A key this module's writer does not know is a bug of the code that passed it."""
+    rk.check(rk.ATTRIBUTE, attrs)
+    rk.check(rk.STATIC, static)
 
 
 def _missing_like(row: np.ndarray) -> np.ndarray:
@@ -113,8 +127,8 @@ def read_results(path: str | Path) -> dict:
     ``static`` datasets."""
     out: dict = {"per_round": [], "static": []}
     with h5py.File(path, "r") as f:
-        out["config"] = json.loads(f.attrs["config"])
-        out["label_names"] = json.loads(f.attrs["label_names"])
+        out["config"] = json.loads(f.attrs[rk.CONFIG])
+        out["label_names"] = json.loads(f.attrs[rk.LABEL_NAMES])
         out["attrs"] = {k: _plain(v) for k, v in f.attrs.items()}
 
         def visit(name: str, obj: h5py.HLObject) -> None:

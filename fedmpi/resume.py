@@ -1,8 +1,9 @@
 """Writing and resuming checkpoints across ranks (the files themselves: ``checkpoint``).
 
 Rank 0 writes the global state (parameters, server optimizer, accountant); with
-``--keep-local-opt`` the rank hosting each client writes that client's optimizer state
-first, so the main file, written last, only ever names complete client files. A resume
+``--keep-local-opt`` (and ``--error-feedback``) the rank hosting each client writes that
+client's optimizer state (and compression residual) first, so the main file, written
+last, only ever names complete client files. A resume
 reads on rank 0, verifies, and broadcasts with the buffer protocol.
 """
 
@@ -37,6 +38,15 @@ class Stateful(Protocol):
     def load_state(self, state: dict[str, np.ndarray]) -> None: ...
 
 
+class ClientStateful(Protocol):
+    """State kept per client on the rank hosting it (``--keep-local-opt``'s optimizers,
+    ``--error-feedback``'s residuals), saved in the client's own file."""
+
+    def state_arrays(self, client: int) -> dict[str, np.ndarray] | None: ...
+
+    def load_state(self, client: int, arrays: dict[str, np.ndarray]) -> None: ...
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -47,15 +57,22 @@ class Checkpointer:
         my_clients: list[int],
         optimizers: LocalOptimizers,
         stateful: dict[str, Stateful],
+        per_client: dict[str, ClientStateful] | None = None,
     ) -> None:
         """``identity``: ``checkpoint.fingerprint`` of this run; ``stateful``: named state
-        to save beside the parameters (keys become HDF5 groups)."""
+        to save beside the parameters (keys become HDF5 groups); ``per_client``: named
+        per-client state to save in the client files beside the optimizer state (its keys
+        prefixed with the name; the optimizer's are not, as before)."""
         self.cfg, self.world, self.out_dir = cfg, world, out_dir
         self.path = out_dir / checkpoint.CHECKPOINT_NAME
         self.identity = identity
         self.my_clients = my_clients
         self.optimizers = optimizers
         self.stateful = stateful
+        self.per_client: dict[str, ClientStateful] = {
+            **({"": optimizers} if cfg.keep_local_opt else {}),
+            **(per_client or {}),
+        }
         self.saved_round: int | None = None  # the round of the checkpoint on disk, if any
         # Read at start-up: a typo found only when preempted would end the job with a
         # traceback and exit 1 instead of 75, and the job would not be requeued.
@@ -66,9 +83,9 @@ class Checkpointer:
         main file also lists the clients whose state files it goes with, so a resume
         notices one that went missing instead of silently restarting that client."""
         with_state: list[int] = []
-        if self.cfg.keep_local_opt:
+        if self.per_client:
             for client in self.my_clients:
-                arrays = self.optimizers.state_arrays(client)
+                arrays = self._client_arrays(client)
                 if arrays is not None:
                     checkpoint.save_client_state(self.out_dir, client, round_done, arrays)
                     with_state.append(client)
@@ -80,7 +97,7 @@ class Checkpointer:
                 for owner, stateful in self.stateful.items()
                 for name, value in stateful.state().items()
             }
-            if self.cfg.keep_local_opt:
+            if self.per_client:
                 state[CLIENTS_WITH_STATE] = np.array(with_state, dtype=np.int64)
             checkpoint.save(
                 self.path,
@@ -88,7 +105,7 @@ class Checkpointer:
                 checkpoint.Checkpoint(round_done, _numpy(params), state),
             )
         wait_for_all(self.world)  # nobody exits (and gets the job killed) before it is written
-        if self.cfg.keep_local_opt:
+        if self.per_client:
             checkpoint.remove_client_states(self.out_dir, self.my_clients, keep_round=round_done)
         self.saved_round = round_done
 
@@ -96,13 +113,14 @@ class Checkpointer:
         """The checkpoint a preempted round falls back to; False when it is not exact.
 
         When the last finished round is already on disk nothing is written: that file also
-        holds the clients' optimizer states as they were before the void round. Otherwise
-        the clients of this rank that trained in the void round keep the state they reached.
+        holds the clients' optimizer states (and residuals) as they were before the void
+        round. Otherwise the clients of this rank that trained in the void round keep the
+        state they reached.
         """
         if self.saved_round == round_done:
             return True
         self.save(round_done, params)
-        return not self.cfg.keep_local_opt
+        return not self.per_client
 
     def count_stalled_launches(self, round_done: int) -> int:
         """Collective: how many launches in a row were preempted right after resuming from
@@ -178,19 +196,19 @@ class Checkpointer:
             stateful.load_state(
                 {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
             )
-        if self.cfg.keep_local_opt:
+        if self.per_client:
             listed = set(arrays.get(CLIENTS_WITH_STATE, np.array([], np.int64)).tolist())
 
             def load_clients() -> None:
                 for client in self.my_clients:
                     state = checkpoint.load_client_state(self.out_dir, client, rounds_done)
                     if state is not None:
-                        self.optimizers.load_state(client, state)
+                        self._load_client(client, state)
                     elif client in listed:
                         missing = checkpoint.client_state_path(self.out_dir, client, rounds_done)
                         raise UsageError(
-                            f"checkpoint {self.path} goes with client {client}'s optimizer "
-                            f"state {missing}, which is missing: restore it, or pass "
+                            f"checkpoint {self.path} goes with client {client}'s state "
+                            f"{missing}, which is missing: restore it, or pass "
                             "--overwrite to start over"
                         )
 
@@ -198,6 +216,28 @@ class Checkpointer:
         self.saved_round = rounds_done
         log(world, f"resuming from {self.path}: {rounds_done} rounds done")
         return rounds_done
+
+    def _client_arrays(self, client: int) -> dict[str, np.ndarray] | None:
+        """What the client's file holds: each part's arrays, prefixed with its name."""
+        arrays = {}
+        for name, part in self.per_client.items():
+            state = part.state_arrays(client)
+            if state is not None:
+                arrays.update({f"{name}/{k}" if name else k: v for k, v in state.items()})
+        return arrays or None
+
+    def _load_client(self, client: int, arrays: dict[str, np.ndarray]) -> None:
+        """Hand each part its arrays from the client's file (a part the file has none of
+        had no state yet for this client)."""
+        for name, part in self.per_client.items():
+            prefix = f"{name}/"
+            state = {
+                k.removeprefix(prefix): v
+                for k, v in arrays.items()
+                if (k.startswith(prefix) if name else "/" not in k)
+            }
+            if state:
+                part.load_state(client, state)
 
 
 def _max_stalled_launches() -> int:

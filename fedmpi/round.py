@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fedmpi import faults
+from fedmpi import results_keys as rk
 from fedmpi.client import LocalOptimizers, client_seed, train_client
 from fedmpi.comm import World, log, wait_for_all
 from fedmpi.config import Config
@@ -131,8 +132,7 @@ class FederatedRound:
                 self.optimizers.for_client(client),
                 adjust_gradients=self._adjust_gradients if self.step_hooks else None,
                 progress=lambda step, total, loss, c=client: log(
-                    world,
-                    f"round {round_}/{cfg.rounds} client {c}: step {step}/{total} loss {loss:.4f}",
+                    world, progress_line(round_, cfg.rounds, c, step, total, loss)
                 ),
                 should_stop=lambda: self.stop.requested,
                 compute=job.precision,
@@ -142,6 +142,7 @@ class FederatedRound:
             if faults.should_fail(world.rank, round_, "nan"):
                 flat.buffer.fill_(float("nan"))
             self.contribute(ctx, client, result.loss_sum, result.samples_seen)
+        self.optimizers.release()  # the clients' shared AdamW state: not held past training
 
     def contribute(self, ctx: RoundContext, client: int, loss_sum: float, examples: int) -> None:
         """``client``'s trained model (in the parameters) through the hooks, in list order,
@@ -205,20 +206,20 @@ class FederatedRound:
         """The round's row of results.h5 (every rank computes it; rank 0 writes it)."""
         n_clients = self.job.plan.n_clients
         row = {
-            "round": ctx.round,
-            "clients/cohort": np.isin(np.arange(n_clients), ctx.cohort).astype(np.int8),
-            "metrics/train_loss": totals.loss_sum / totals.examples if totals.examples else np.nan,
-            "metrics/test_accuracy": np.nan,  # every row has the test metrics, NaN if not scored
-            "metrics/test_loss": np.nan,
-            "metrics/test_macro_f1": np.nan,
+            rk.ROUND: ctx.round,
+            rk.COHORT: np.isin(np.arange(n_clients), ctx.cohort).astype(np.int8),
+            rk.TRAIN_LOSS: totals.loss_sum / totals.examples if totals.examples else np.nan,
+            rk.TEST_ACCURACY: np.nan,  # every row has the test metrics, NaN if not scored
+            rk.TEST_LOSS: np.nan,
+            rk.TEST_MACRO_F1: np.nan,
             **evaluated,
-            "comm/payload_bytes": self.aggregator.nbytes,
+            rk.PAYLOAD_BYTES: self.aggregator.nbytes,
             **clock.seconds(),
         }
         for hook in self.hooks:
             row.update(hook.row(ctx))
         if self.cfg.verify_sync:
-            row["sync/param_crc32"] = verify_identical(self.job.flat.buffer, self.world)
+            row[rk.PARAM_CRC32] = verify_identical(self.job.flat.buffer, self.world)
         return row
 
     # ------------------------------------------------------------------ helpers
@@ -251,26 +252,31 @@ class FederatedRound:
         for client in plan.eval_rows:
             if counts[client, :-1].sum():
                 accuracy[client] = metrics_from_counts(counts[client], n_classes).accuracy
-        row = {"clients/test_accuracy": accuracy}
+        row = {rk.CLIENT_TEST_ACCURACY: accuracy}
         holdout = plan.holdout.astype(bool)
         scored = np.isin(np.arange(plan.n_clients), list(plan.eval_rows))
         for name, members in (("client_test", ~holdout), ("holdout", holdout)):
             pooled = counts[members & scored]
             if len(pooled) and pooled[:, :-1].sum():
                 scores = metrics_from_counts(pooled.sum(axis=0), n_classes)
-                row[f"metrics/{name}_accuracy"] = scores.accuracy
-                row[f"metrics/{name}_macro_f1"] = scores.macro_f1
+                row[rk.metric(name, "accuracy")] = scores.accuracy
+                row[rk.metric(name, "macro_f1")] = scores.macro_f1
         return row
+
+
+def progress_line(round_: int, rounds: int, client: int, step: int, total: int, loss: float) -> str:
+    """Rank 0's report on its client's local training, every 15 s (README.md quotes it)."""
+    return f"round {round_}/{rounds} client {client}: step {step}/{total} loss {loss:.4f}"
 
 
 def scores_row(split: str, scores: EvalResult) -> dict:
     """``metrics/{split}_*`` of one evaluation, with its confusion matrix (true x predicted
     counts), from which every outcome rule of the report can be recomputed."""
     return {
-        f"metrics/{split}_accuracy": scores.accuracy,
-        f"metrics/{split}_loss": scores.loss,
-        f"metrics/{split}_macro_f1": scores.macro_f1,
-        f"metrics/{split}_confusion": scores.confusion,
+        rk.metric(split, "accuracy"): scores.accuracy,
+        rk.metric(split, "loss"): scores.loss,
+        rk.metric(split, "macro_f1"): scores.macro_f1,
+        rk.metric(split, "confusion"): scores.confusion,
     }
 
 
@@ -303,6 +309,6 @@ class PhaseClock:
 
     def seconds(self) -> dict[str, float]:
         return {
-            **{f"timing/{phase}_s": s for phase, s in self.phases.items()},
-            "timing/round_s": self.last - self.start,
+            **{rk.timing(phase): s for phase, s in self.phases.items()},
+            rk.ROUND_SECONDS: self.last - self.start,
         }

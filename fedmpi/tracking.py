@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from fedmpi import atomic
+from fedmpi import results_keys as rk
 from fedmpi.config import Config
 from fedmpi.errors import UsageError
 
@@ -42,11 +43,11 @@ if TYPE_CHECKING:
 
 WANDB_RUN_ID_NAME = "wandb-run-id"
 # Row arrays with one value per layer group rather than per client: one curve each.
-_PER_GROUP_SCALARS = ("diagnostics/layer_drift",)
+_PER_GROUP_SCALARS = (rk.LAYER_DRIFT,)
 # Row arrays of (clients, layer groups): one histogram over the clients per group.
-_PER_GROUP_HISTOGRAMS = ("diagnostics/client_update_cosine_by_group",)
+_PER_GROUP_HISTOGRAMS = (rk.UPDATE_COSINE_BY_GROUP,)
 # One CRC32 per rank: identical, or the run has already aborted; nothing to plot.
-_UNTRACKED = ("sync/param_crc32",)
+_UNTRACKED = (rk.PARAM_CRC32,)
 _INSTALL = "pip install 'fedmpi[tracking]'"
 
 
@@ -61,7 +62,7 @@ def split_row(
     scalars: dict[str, float] = {}
     histograms: dict[str, np.ndarray] = {}
     for key, value in row.items():
-        if key == "round" or key in _UNTRACKED:
+        if key == rk.ROUND or key in _UNTRACKED:
             continue
         array = np.asarray(value, dtype=np.float64)
         if array.ndim == 0:
@@ -77,7 +78,7 @@ def split_row(
         elif array.shape == (n_clients,):
             histograms[key] = array
     finite = {k: v[np.isfinite(v)] for k, v in histograms.items()}
-    return int(row["round"]), scalars, {k: v for k, v in finite.items() if v.size}
+    return int(row[rk.ROUND]), scalars, {k: v for k, v in finite.items() if v.size}
 
 
 class Tracker(Protocol):

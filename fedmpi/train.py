@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from fedmpi import checkpoint, faults, models, provenance
+from fedmpi import results_keys as rk
 from fedmpi.client import FedProx
 from fedmpi.comm import World, collectively, log, root_computes
+from fedmpi.compression import UpdateCompression
 from fedmpi.config import Config
 from fedmpi.diagnostics import UpdateDiagnostics
 from fedmpi.errors import UsageError
@@ -47,6 +49,11 @@ def run(cfg: Config, world: World) -> None:
         else None
     )
     hooks: list[RoundHook] = [diagnostics]  # first: it measures what the others transform
+    # Compression before DP: the clip then bounds the update as it is sent.
+    compression = UpdateCompression.from_config(cfg, flat.numel, plan.n_clients, job.device)
+    if compression:
+        hooks.append(compression)
+        log(world, compression.describe())
     if dp:
         hooks.append(DPFedAvg(dp, plan.participants, cfg.seed, plan.n_clients))
     if cfg.prox_mu > 0:
@@ -60,8 +67,16 @@ def run(cfg: Config, world: World) -> None:
         root_computes(world, lambda: models.model_identity(cfg.model)),  # reads every weight
     )
     stateful = {"server": fed_round.server, **({"privacy": dp} if dp else {})}
+    per_client = {"error_feedback": compression} if compression and cfg.error_feedback else {}
     checkpoints = Checkpointer(
-        cfg, world, job.out_dir, identity, plan.my_clients, fed_round.optimizers, stateful
+        cfg,
+        world,
+        job.out_dir,
+        identity,
+        plan.my_clients,
+        fed_round.optimizers,
+        stateful,
+        per_client,
     )
     rounds_done = checkpoints.resume(flat.buffer) if job.resuming else 0
     has_frozen = any(not p.requires_grad for p in model.parameters())
@@ -93,18 +108,7 @@ def run(cfg: Config, world: World) -> None:
 
 
 def _log_privacy(cfg: Config, world: World, job: Job, dp: ClientLevelDP) -> None:
-    noise_source = (
-        "--dp-noise-seed (reproducible)"
-        if cfg.dp_noise_seed is not None
-        else "a secret key drawn by rank 0, kept in the checkpoint only"
-    )
-    log(
-        world,
-        f"privacy: DP-FedAvg, clip {dp.bound:g}, noise multiplier {dp.noise:g}, Poisson "
-        f"rate {dp.rate:.4g} of {len(job.plan.participants)} clients (denominator "
-        f"{dp.denominator:g}), delta {dp.delta:.3g}, epsilon by the PRV accountant (RDP "
-        f"beside it), noise from {noise_source}; central DP with a trusted aggregator",
-    )
+    log(world, dp.describe(len(job.plan.participants)))
 
 
 def _finish(
@@ -165,34 +169,24 @@ def _open_results(
         return None
     revision = provenance.code_revision()
     attrs = {
-        "config": cfg.to_json(),
-        "label_names": json.dumps(job.info.label_names),
-        "num_clients": job.plan.n_clients,
-        "world_size": world.size,
-        "layer_groups": json.dumps(layer_groups),
-        "code_revision": revision,
-        "data_sha256": job.info.content_sha256,
-        "how_split": job.info.how_split,
+        rk.CONFIG: cfg.to_json(),
+        rk.LABEL_NAMES: json.dumps(job.info.label_names),
+        rk.NUM_CLIENTS: job.plan.n_clients,
+        rk.WORLD_SIZE: world.size,
+        rk.LAYER_GROUPS: json.dumps(layer_groups),
+        rk.CODE_REVISION: revision,
+        rk.DATA_SHA256: job.info.content_sha256,
+        rk.HOW_SPLIT: job.info.how_split,
         **job.test_identity,
-        **(
-            {
-                "dp_delta": dp.delta,
-                "dp_sample_rate": dp.rate,
-                "dp_denominator": dp.denominator,
-                "dp_accountant": "prv",
-                "dp_noise_seed_given": cfg.dp_noise_seed is not None,
-            }
-            if dp
-            else {}
-        ),
+        **(dp.results_attrs() if dp else {}),  # the accountant's inputs, never the key
     }
     plan = job.plan
     static = {
-        "clients/sizes": np.asarray(plan.sizes),
-        "clients/rank": np.asarray(plan.client_rank),
-        "clients/label_histogram": plan.label_histogram,
-        "clients/holdout": plan.holdout,
-        "clients/eval_sizes": np.array(
+        rk.CLIENT_SIZES: np.asarray(plan.sizes),
+        rk.CLIENT_RANK: np.asarray(plan.client_rank),
+        rk.CLIENT_LABEL_HISTOGRAM: plan.label_histogram,
+        rk.CLIENT_HOLDOUT: plan.holdout,
+        rk.CLIENT_EVAL_SIZES: np.array(
             [len(plan.eval_rows.get(k, ())) for k in range(plan.n_clients)]
         ),
     }
@@ -250,23 +244,25 @@ def _verify_frozen(model: torch.nn.Module, world: World) -> int:
 
 
 def _round_summary(round_: int, rounds: int, row: dict) -> str:
-    accuracy = row["metrics/test_accuracy"]
+    """The round's log line (README.md quotes it; tests/test_docs.py checks the quote)."""
+    accuracy = row[rk.TEST_ACCURACY]
     test = (
         ""
         if math.isnan(accuracy)
         else (
-            f"test acc {accuracy:.4f} f1 {row['metrics/test_macro_f1']:.4f} "
-            f"loss {row['metrics/test_loss']:.4f} | "
+            f"test acc {accuracy:.4f} f1 {row[rk.TEST_MACRO_F1]:.4f} "
+            f"loss {row[rk.TEST_LOSS]:.4f} | "
         )
     )
-    val = row.get("metrics/val_accuracy", math.nan)
+    val = row.get(rk.VAL_ACCURACY, math.nan)
     test += "" if math.isnan(val) else f"val acc {val:.4f} | "
-    privacy = f"epsilon {row['privacy/epsilon']:.3g} | " if "privacy/epsilon" in row else ""
+    privacy = f"epsilon {row[rk.EPSILON]:.3g} | " if rk.EPSILON in row else ""
+    seconds = {phase: row[rk.timing(phase)] for phase in ("train", "wait", "allreduce", "eval")}
     return (
-        f"round {round_}/{rounds} | train loss {row['metrics/train_loss']:.4f} | {test}{privacy}"
-        f"{row['timing/round_s']:.1f}s (train {row['timing/train_s']:.1f}, wait "
-        f"{row['timing/wait_s']:.2f}, allreduce {row['timing/allreduce_s']:.3f}, eval "
-        f"{row['timing/eval_s']:.1f})"
+        f"round {round_}/{rounds} | train loss {row[rk.TRAIN_LOSS]:.4f} | {test}{privacy}"
+        f"{row[rk.ROUND_SECONDS]:.1f}s (train {seconds['train']:.1f}, wait "
+        f"{seconds['wait']:.2f}, allreduce {seconds['allreduce']:.3f}, eval "
+        f"{seconds['eval']:.1f})"
     )
 
 

@@ -159,6 +159,30 @@ def fedmpi_args(model, dataset, out, cache, *extra) -> list[str]:
     ]
 
 
+@pytest.fixture
+def in_process():
+    """``fedmpi.cli.main`` in this process, given ``fedmpi_args``: a whole job on one rank
+    (mpi4py's singleton start, no ``mpiexec``). What a run sets process-wide (its signal
+    handlers, torch's thread count and random state) is put back afterwards."""
+    import torch
+
+    from fedmpi.cli import main
+    from fedmpi.preemption import SIGNALS
+
+    handlers = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+
+    def run(args: list[str]) -> int:
+        assert args[:2] == ["-m", "fedmpi"]
+        return main(args[2:])
+
+    yield run
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    torch.set_num_threads(threads)
+    torch.random.set_rng_state(rng)
+
+
 def job(tiny_bert, toy_dataset, out, *extra) -> list[str]:
     """``fedmpi_args`` with the token cache next to ``out`` and one thread a rank."""
     return fedmpi_args(tiny_bert, toy_dataset, out, out.parent / "cache", "--threads", 1, *extra)

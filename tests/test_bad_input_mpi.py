@@ -116,7 +116,7 @@ CASES = [
     (
         "--keep-local-opt where OUTPUT/client-states is a file",
         ["--keep-local-opt"],
-        "exists and is not a directory, so optimizer states could not be written there",
+        "exists and is not a directory, so the clients' states could not be written there",
         "states_file",
     ),
     (

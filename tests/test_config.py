@@ -1,7 +1,5 @@
 """Command line and config file: defaults, precedence, and validation messages."""
 
-from pathlib import Path
-
 import pytest
 
 from fedmpi.cli import build_parser, parse_config
@@ -71,13 +69,6 @@ def test_config_round_trips_through_json():
     import json
 
     assert Config.from_mapping(json.loads(cfg.to_json()), "json") == cfg
-
-
-def test_readme_documents_every_flag():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for f in config_fields():
-        flag = "--" + f.name.replace("_", "-")
-        assert f"`{flag}`" in readme, f"{flag} is missing from README.md's flag table"
 
 
 @pytest.mark.parametrize(

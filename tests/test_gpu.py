@@ -142,8 +142,8 @@ def train_locally(
     ``anchor_shift`` moves the FedProx anchor (the round's global model) away from the
     initial parameters, so the proximal term pulls from the first step on; ``like``
     skips the steps that run skipped."""
-    from fedmpi.batching import DeviceRows
     from fedmpi.client import FedProx, make_optimizer, train_client
+    from fedmpi.device_rows import DeviceRows
     from fedmpi.flat import FlatParameters
 
     model = copy.deepcopy(model).to(DEVICE)

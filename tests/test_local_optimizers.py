@@ -3,6 +3,9 @@ bit for bit what a new AdamW computes, client after client, without new state.""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from conftest import random_bert
 
@@ -68,3 +71,19 @@ def test_sgd_and_kept_optimizers_are_not_shared():
     kept = LocalOptimizers(Config(optimizer="adamw", keep_local_opt=True), params)
     assert kept.for_client(0) is not kept.for_client(1)
     assert kept.for_client(0) is kept.for_client(0)
+
+
+def test_release_frees_the_shared_state():
+    """After the round's training the shared AdamW goes, state and all (it is not held
+    through the Allreduce and the evaluation); the next client gets a new one."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizers = LocalOptimizers(Config(optimizer="adamw"), [param])
+    first = optimizers.for_client(0)
+    param.grad = torch.ones(3)
+    first.step()
+    moment = weakref.ref(first.state[param]["exp_avg"])
+    del first
+    optimizers.release()
+    gc.collect()
+    assert moment() is None
+    assert not optimizers.for_client(1).state

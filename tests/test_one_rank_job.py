@@ -13,38 +13,15 @@ average, or a training loss summed wrongly all land far outside the tolerances.
 
 from __future__ import annotations
 
-import signal
-
 import numpy as np
 import pytest
 import torch
 from conftest import fedmpi_args
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fedmpi.preemption import SIGNALS
 from fedmpi.results import read_results
 
 LR, ROUNDS, SEQ = 0.5, 2, 32
-
-
-@pytest.fixture
-def in_process():
-    """``fedmpi.cli.main`` in this process; what a run sets process-wide (its signal
-    handlers, torch's thread count and random state) is put back afterwards."""
-    from fedmpi.cli import main
-
-    handlers = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
-
-    def run(args: list[str]) -> int:
-        assert args[:2] == ["-m", "fedmpi"]
-        return main(args[2:])
-
-    yield run
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-    torch.set_num_threads(threads)
-    torch.random.set_rng_state(rng)
 
 
 def read_csv(path) -> tuple[list[str], torch.Tensor]:
