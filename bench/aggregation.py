@@ -51,10 +51,10 @@ import torch.distributed as dist
 from mpi4py import MPI
 from rig import one_client_per_rank
 
+from fedmpi.allreduce import CHUNK_BYTES, TAIL
 from fedmpi.comm import World
 from fedmpi.config import Config
 from fedmpi.diagnostics import UpdateDiagnostics
-from fedmpi.fedavg import CHUNK_BYTES, TAIL
 from fedmpi.flat import FlatParameters
 from fedmpi.hooks import RoundHook
 from fedmpi.models import load_model, quiet_transformers

@@ -277,8 +277,8 @@ class Rig:
     def __init__(self, world, case: Case, scale: Scale, device: str) -> None:
         from rig import one_client_per_rank
 
+        from fedmpi.allreduce import TAIL
         from fedmpi.diagnostics import UpdateDiagnostics
-        from fedmpi.fedavg import TAIL
         from fedmpi.flat import FlatParameters
         from fedmpi.preemption import StopRequest
         from fedmpi.round import FederatedRound

@@ -86,7 +86,7 @@ def fedmpi_worker(argv: list[str], rows_file: str) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    import fedmpi.fedavg
+    import fedmpi.allreduce
     import fedmpi.prepare
     import fedmpi.round
     from fedmpi.cli import main
@@ -121,7 +121,7 @@ def fedmpi_worker(argv: list[str], rows_file: str) -> None:
     ]
     for module, name, phase in hooks:
         setattr(module, name, rec.after(phase, getattr(module, name)))
-    cls = fedmpi.fedavg.WeightedAllreduce
+    cls = fedmpi.allreduce.WeightedAllreduce
     cls.allreduce = rec.after("Allreduce", cls.allreduce)
     code = main(argv)
     rec.mark("end")

@@ -1,6 +1,6 @@
 """The Allreduce over real (simulated) network links: flat, sliced and per-tensor.
 
-Why: the 4 MB slices of ``fedmpi.fedavg`` (``FEDMPI_ALLREDUCE_CHUNK_MB``) were tuned on
+Why: the 4 MB slices of ``fedmpi.allreduce`` (``FEDMPI_ALLREDUCE_CHUNK_MB``) were tuned on
 shared memory, and the cluster cost model of docs/benchmarks.md was on paper. This runs,
 on a ``bench/simcluster.py`` cluster of N nodes x 1 rank (UCX over TCP on veth links
 shaped by ``tc``), the payloads of MiniLM and BERT-base three ways: one Allreduce over

@@ -5,23 +5,35 @@ moments), so a rank's peak carries ~150 MiB of freed heap; jemalloc hands it bac
 same step speed. Default job at np=2 with 4 clients: 1251-1273 MiB PSS a rank on glibc,
 1038-1051 on jemalloc (docs/benchmarks.md, section 4).
 
-``LD_PRELOAD`` only takes effect when a process starts, so ``python -m fedmpi`` executes
-itself again, once, before anything initialises MPI or imports torch, with the library
-preloaded. ``FEDMPI_MALLOC`` chooses: ``auto`` (the default: jemalloc, else tcmalloc,
-where the system has one; else glibc), ``system`` (glibc's), or a library's path.
+``LD_PRELOAD`` only takes effect when a process starts, so ``python -m fedmpi`` and the
+``fedmpi`` console script (both start in ``fedmpi.__main__``) execute themselves again, once,
+before anything initialises MPI or imports torch, with the library preloaded.
+``FEDMPI_MALLOC`` chooses: ``auto`` (the default: jemalloc, else tcmalloc, where the system
+has one; else glibc), ``system`` (glibc's), or a library's path.
 """
 
 from __future__ import annotations
 
 import os
+import site
 import sys
+import sysconfig
 from pathlib import Path
 
 from fedmpi.errors import UsageError
 
 ENV = "FEDMPI_MALLOC"
 ACTIVE = "FEDMPI_MALLOC_ACTIVE"  # set in the re-executed process: what it runs on
-LIBRARIES = ("libjemalloc.so.2", "libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+# In order of preference. mimalloc is what pip installs (the cmeel-mimalloc wheel, which
+# requirements-local.txt and setup.cfg's ``malloc`` extra name): it is found in the
+# environment's site-packages, under ``cmeel.prefix/lib``.
+LIBRARIES = (
+    "libjemalloc.so.2",
+    "libmimalloc.so",
+    "libtcmalloc_minimal.so.4",
+    "libtcmalloc.so.4",
+)
+CMEEL_LIB = Path("cmeel.prefix") / "lib"
 SYSTEM_DIRS = (
     "/usr/lib/x86_64-linux-gnu",
     "/usr/lib/aarch64-linux-gnu",
@@ -37,6 +49,7 @@ def installed_libraries(env: dict[str, str]) -> list[Path]:
     system's library directories, the first directory holding it winning."""
     prefixes = [env.get("CONDA_PREFIX", ""), sys.prefix]
     dirs = [f"{p}/lib" for p in prefixes if p]
+    dirs += [str(Path(p) / CMEEL_LIB) for p in site_packages()]
     dirs += [d for d in env.get("LD_LIBRARY_PATH", "").split(":") if d]
     dirs += SYSTEM_DIRS
     found = []
@@ -45,6 +58,16 @@ def installed_libraries(env: dict[str, str]) -> list[Path]:
         if path is not None:
             found.append(path)
     return found
+
+
+def site_packages() -> list[str]:
+    """Where pip puts this interpreter's packages (a wheel's ``cmeel.prefix`` among them):
+    the environment's own site-packages, then the user's."""
+    paths = sysconfig.get_paths()
+    found = [paths["purelib"], paths["platlib"]]
+    if site.ENABLE_USER_SITE:
+        found.append(site.getusersitepackages())
+    return list(dict.fromkeys(found))
 
 
 def find_library(env: dict[str, str]) -> Path | None:
@@ -66,6 +89,15 @@ def chosen_library(env: dict[str, str]) -> Path | None:
     return path.resolve()
 
 
+# Options fedmpi sets for a library it preloads, unless the environment sets them already.
+OPTIONS: dict[str, dict[str, str]] = {"mimalloc": {}}
+
+
+def preload_options(library: Path) -> dict[str, str]:
+    """The environment variables fedmpi sets beside ``LD_PRELOAD`` for ``library``."""
+    return next((o for key, o in OPTIONS.items() if f"lib{key}." in library.name), {})
+
+
 def reexec_with_allocator() -> None:
     """Replace this process by itself with the chosen allocator preloaded (no-op when it
     already runs on it, or glibc's is chosen). Call before MPI_Init and before torch."""
@@ -80,6 +112,8 @@ def reexec_with_allocator() -> None:
         os.environ[ACTIVE] = "glibc" if library is None else str(library)
         return
     env[ACTIVE] = str(library)
+    for key, value in preload_options(library).items():
+        env.setdefault(key, value)
     env["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 

@@ -32,10 +32,15 @@ def replacing(target: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash
-        finally:
-            os.close(directory)
+        fsync_directory(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory's entries, so that a rename into it survives a crash."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -34,7 +34,7 @@ residual ``r = u - decompress(compress(u))`` of its last upload, on the rank hos
 (one fp32 copy of the trainable parameters per client, allocated when the client first
 trains), and adds it to its next update. What a client sent over its rounds plus its
 residual is then the sum of its true updates. The residuals are checkpointed per client
-like ``--keep-local-opt``'s optimizer states (``fedmpi.resume``).
+like ``--keep-local-opt``'s optimizer states (``fedmpi.checkpointer``).
 
 **Random choices** (stochastic rounding, random-k positions) come from a generator seeded
 by (seed, client, round) alone, so a run does not depend on ``-np``, and a resumed run

@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from fedmpi import atomic
 from fedmpi.errors import UsageError
 
 # The paper's checkpoints (arXiv 2102.00875), by architecture name.
@@ -233,11 +234,7 @@ def write_directory(final: Path, write: Callable[[Path], None]) -> None:
                 os.replace(old, final)
                 old = None
             raise
-        directory = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash
-        finally:
-            os.close(directory)
+        atomic.fsync_directory(final.parent)  # the rename itself survives a crash
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:

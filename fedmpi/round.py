@@ -24,11 +24,11 @@ import torch
 
 from fedmpi import faults
 from fedmpi import results_keys as rk
+from fedmpi.allreduce import RoundTotals, WeightedAllreduce, reduces_in_place
 from fedmpi.client import LocalOptimizers, client_seed, train_client
 from fedmpi.comm import World, log, wait_for_all
 from fedmpi.config import Config
 from fedmpi.evaluate import EvalResult, evaluate, evaluate_clients, metrics_from_counts
-from fedmpi.fedavg import RoundTotals, WeightedAllreduce, reduces_in_place
 from fedmpi.flat import flat_zeros
 from fedmpi.hooks import RoundContext, RoundHook, overrides
 from fedmpi.partition import round_cohort

@@ -18,6 +18,7 @@ import torch
 
 from fedmpi import checkpoint, faults, models, provenance
 from fedmpi import results_keys as rk
+from fedmpi.checkpointer import Checkpointer
 from fedmpi.client import FedProx
 from fedmpi.comm import World, collectively, log, root_computes
 from fedmpi.compression import UpdateCompression
@@ -30,7 +31,6 @@ from fedmpi.preemption import EXIT_PREEMPTED, EXIT_STALLED, StopRequest
 from fedmpi.prepare import Job, prepare
 from fedmpi.privacy import ClientLevelDP, DPFedAvg, shared_noise_key
 from fedmpi.results import RESULTS_NAME, ResultsWriter
-from fedmpi.resume import Checkpointer
 from fedmpi.round import FederatedRound, RoundVoided
 from fedmpi.tracking import Trackers
 

@@ -145,8 +145,8 @@ def test_a_model_directory_is_replaced_whole_or_not_at_all(tmp_path):
 def test_a_bad_stalled_launch_limit_is_refused_at_start_up(monkeypatch, tmp_path, capsys):
     """Read when the run starts, not when it is first preempted: there a typo would end
     the job with a traceback and exit 1 instead of 75, and the job would not requeue."""
+    from fedmpi.checkpointer import Checkpointer
     from fedmpi.comm import World
-    from fedmpi.resume import Checkpointer
 
     monkeypatch.setenv("FEDMPI_MAX_STALLED_LAUNCHES", "three")
     with pytest.raises(SystemExit) as ended:

@@ -17,6 +17,7 @@ import torch
 from mpi4py import MPI
 
 from fedmpi import checkpoint, compression
+from fedmpi.checkpointer import Checkpointer
 from fedmpi.comm import World
 from fedmpi.compression import (
     BLOCK,
@@ -30,7 +31,6 @@ from fedmpi.config import Config
 from fedmpi.errors import UsageError
 from fedmpi.report_runs import load_run
 from fedmpi.results import RESULTS_NAME, ResultsWriter
-from fedmpi.resume import Checkpointer
 
 
 def compressor(text: str, numel: int, error_feedback: bool = False) -> Compressor:

@@ -263,8 +263,8 @@ def staging_main() -> None:
     pinned host memory, or handed to a CUDA-aware MPI) gives the CPU path's bytes exactly,
     with and without the in-place payload, over several Allreduce slices and two rounds, and
     the weighted average that float64 numpy computes from every rank's seeded data."""
+    from fedmpi.allreduce import TAIL, WeightedAllreduce
     from fedmpi.comm import World, abort_on_error
-    from fedmpi.fedavg import TAIL, WeightedAllreduce
 
     world = World.from_comm()
     with abort_on_error(world):

@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
 from conftest import random_bert  # noqa: E402
 
-from fedmpi import fedavg  # noqa: E402
+from fedmpi import allreduce  # noqa: E402
+from fedmpi.allreduce import TAIL, WeightedAllreduce
 from fedmpi.comm import World, abort_on_error  # noqa: E402
-from fedmpi.fedavg import TAIL, WeightedAllreduce
 from fedmpi.flat import FlatParameters
 from fedmpi.partition import assign_clients
 from fedmpi.server import ServerHyper, ServerOptimizer
@@ -45,7 +45,7 @@ def check_in_place(world: World, model: torch.nn.Module) -> None:
     in_place = WeightedAllreduce(world, flat.numel, "cpu", in_place=flat.storage)
     separate = WeightedAllreduce(world, flat.numel, "cpu")
     for step in (flat.numel, flat.numel + 1, 1000):  # tail alone, straddling, many slices
-        fedavg.CHUNK_BYTES = step * 4
+        allreduce.CHUNK_BYTES = step * 4
         # Every client; then client 0 absent (its rank sends zeros); then client 1 expected
         # but dropped (skipped), so the average is of the others, rescaled.
         for cohort, dropped in ((clients, ()), (clients[1:], ()), (clients, (1,))):

@@ -4,8 +4,8 @@ gives bit-identical sums to the direct path, exercised here on CPU tensors."""
 import numpy as np
 import torch
 
+from fedmpi.allreduce import WeightedAllreduce
 from fedmpi.comm import World, abort_on_error
-from fedmpi.fedavg import WeightedAllreduce
 
 
 def main() -> None:
