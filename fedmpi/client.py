@@ -78,8 +78,8 @@ class LocalOptimizers:
         """Free the shared optimizer's state once a rank's clients of the round have
         trained: held through the Allreduce and the evaluation, it raised the default job's
         peak by ~100 MiB a rank (mimalloc). Kept optimizers stay. The state is cleared,
-        not just dropped: a torch optimizer sits in a reference cycle, which only the
-        garbage collector frees, at a time of its choosing."""
+        not just dropped: the first torch optimizer of a process stays referenced (a
+        cycle) until the garbage collector runs, at a time of its choosing."""
         if self.shared is not None:
             self.shared.state.clear()
         self.shared = None

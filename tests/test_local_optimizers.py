@@ -3,7 +3,6 @@ bit for bit what a new AdamW computes, client after client, without new state.""
 
 from __future__ import annotations
 
-import gc
 import weakref
 
 import torch
@@ -75,19 +74,15 @@ def test_sgd_and_kept_optimizers_are_not_shared():
 
 def test_release_frees_the_shared_state():
     """After the round's training the shared AdamW's state is freed at once (not held
-    through the Allreduce and the evaluation, nor left to the garbage collector: torch's
-    optimizers sit in a reference cycle); the next client gets a new one."""
+    through the Allreduce and the evaluation), even while the optimizer itself lives on:
+    the first torch optimizer of a process stays referenced until the garbage collector
+    runs. The next client gets a new optimizer."""
     param = torch.nn.Parameter(torch.ones(3))
     optimizers = LocalOptimizers(Config(optimizer="adamw"), [param])
-    first = optimizers.for_client(0)
+    first = optimizers.for_client(0)  # still held here, as a reference cycle would
     param.grad = torch.ones(3)
     first.step()
     moment = weakref.ref(first.state[param]["exp_avg"])
-    del first
-    gc.disable()
-    try:
-        optimizers.release()
-        assert moment() is None
-    finally:
-        gc.enable()
-    assert not optimizers.for_client(1).state
+    optimizers.release()
+    assert moment() is None
+    assert optimizers.for_client(1) is not first
