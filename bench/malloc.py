@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmpi.allocator import installed_libraries, preload_options
+from fedmpi.allocator import installed_libraries
 
 SETTINGS = {
     "glibc default": {},
@@ -52,17 +52,15 @@ MIMALLOC_OPTIONS = {
 
 def allocator_settings() -> dict[str, dict[str, str]]:
     """jemalloc, mimalloc and tcmalloc, preloaded, where installed (what
-    ``FEDMPI_MALLOC=auto`` picks from), each with the options fedmpi sets for it; for
-    mimalloc also other options."""
+    ``FEDMPI_MALLOC=auto`` picks from), as fedmpi runs them (their defaults); mimalloc
+    also with the options above."""
     settings = {}
     for library in installed_libraries(dict(os.environ)):
         preload = {"LD_PRELOAD": str(library)}
-        own = preload_options(library)
-        label = ", ".join(f"{k}={v}" for k, v in own.items()) or "its defaults"
-        settings[f"{library.name} ({label})"] = {**preload, **own}
+        settings[f"{library.name} (its defaults)"] = preload
         if "mimalloc" in library.name:
             for name, options in MIMALLOC_OPTIONS.items():
-                settings[f"{library.name}, {name}"] = {**preload, **own, **options}
+                settings[f"{library.name}, {name}"] = {**preload, **options}
     return settings
 
 

@@ -1,15 +1,22 @@
-"""Run each rank on jemalloc (or tcmalloc) when one is installed, instead of glibc's malloc.
+"""Run each rank on jemalloc, mimalloc or tcmalloc when one is installed, instead of
+glibc's malloc.
 
 Why: glibc keeps much of what a local step frees (activations, gradients, AdamW's
-moments), so a rank's peak carries ~150 MiB of freed heap; jemalloc hands it back at the
-same step speed. Default job at np=2 with 4 clients: 1251-1273 MiB PSS a rank on glibc,
-1038-1051 on jemalloc (docs/benchmarks.md, section 4).
+moments), so a rank's peak carries ~150 MiB of freed heap; these allocators hand it back.
+Default job at np=2 with 4 clients, peak PSS of both ranks: 2577-2594 MiB on glibc,
+2118-2123 on mimalloc (1038-1051 MiB a rank on jemalloc); docs/benchmarks.md, section 4.
+
+mimalloc needs no system package: requirements-local.txt (what ``make run`` installs),
+setup.cfg's ``malloc`` extra and environment.yml install the ``cmeel-mimalloc`` wheel,
+whose library lies under site-packages/``cmeel.prefix/lib``; so a fresh machine runs on
+it. It runs with its own defaults (freed memory returned after 1 s): a longer
+``MIMALLOC_PURGE_DELAY`` steps faster on a busy machine but breaks the memory goal.
 
 ``LD_PRELOAD`` only takes effect when a process starts, so ``python -m fedmpi`` and the
 ``fedmpi`` console script (both start in ``fedmpi.__main__``) execute themselves again, once,
 before anything initialises MPI or imports torch, with the library preloaded.
-``FEDMPI_MALLOC`` chooses: ``auto`` (the default: jemalloc, else tcmalloc, where the system
-has one; else glibc), ``system`` (glibc's), or a library's path.
+``FEDMPI_MALLOC`` chooses: ``auto`` (the default: jemalloc, else mimalloc, else tcmalloc,
+where installed; else glibc), ``system`` (glibc's), or a library's path.
 """
 
 from __future__ import annotations
@@ -89,15 +96,6 @@ def chosen_library(env: dict[str, str]) -> Path | None:
     return path.resolve()
 
 
-# Options fedmpi sets for a library it preloads, unless the environment sets them already.
-OPTIONS: dict[str, dict[str, str]] = {"mimalloc": {}}
-
-
-def preload_options(library: Path) -> dict[str, str]:
-    """The environment variables fedmpi sets beside ``LD_PRELOAD`` for ``library``."""
-    return next((o for key, o in OPTIONS.items() if f"lib{key}." in library.name), {})
-
-
 def reexec_with_allocator() -> None:
     """Replace this process by itself with the chosen allocator preloaded (no-op when it
     already runs on it, or glibc's is chosen). Call before MPI_Init and before torch."""
@@ -112,8 +110,6 @@ def reexec_with_allocator() -> None:
         os.environ[ACTIVE] = "glibc" if library is None else str(library)
         return
     env[ACTIVE] = str(library)
-    for key, value in preload_options(library).items():
-        env.setdefault(key, value)
     env["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 

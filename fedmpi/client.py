@@ -76,10 +76,10 @@ class LocalOptimizers:
 
     def release(self) -> None:
         """Free the shared optimizer's state once a rank's clients of the round have
-        trained: held through the Allreduce and the evaluation, it raised the default job's
-        peak by ~100 MiB a rank (mimalloc). Kept optimizers stay. The state is cleared,
-        not just dropped: the first torch optimizer of a process stays referenced (a
-        cycle) until the garbage collector runs, at a time of its choosing."""
+        trained: held through the Allreduce and the evaluation, it raised the peak by 100
+        (4 clients) to 170 MiB (200 clients) a rank on mimalloc. Kept optimizers stay.
+        The state is cleared, not just dropped: the first torch optimizer of a process
+        stays referenced (a cycle) until the garbage collector runs."""
         if self.shared is not None:
             self.shared.state.clear()
         self.shared = None
