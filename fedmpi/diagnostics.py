@@ -5,12 +5,12 @@
 * ``off``: nothing but the non-finite check (one read of each client's parameters);
 * ``norms``: each client's update norm ``|theta_k - g|`` (exact, doubling as the
   non-finite check) and the global update norm ``|g' - g|``;
-* ``full`` (default): also, on a fixed strided sample of at most 2**20 coordinates (exact
-  for smaller models), the cosine of each client's update to the weighted mean update of
-  the *other* clients (leave-one-out: uncorrelated updates give about 0 at any number of
-  clients, where a mean that includes the client would give about 1/sqrt(K)), overall,
-  without the embeddings (whose rows move only for the tokens a client saw) and per layer
-  group; and each layer group's relative change ``|g'_G - g_G| / |g_G|``.
+* ``full`` (default): also, on a fixed strided sample of each update (exact for small
+  models; ``sample_stride`` sizes it), the cosine of each client's update to the weighted
+  mean update of the *other* clients (leave-one-out: uncorrelated updates give about 0 at
+  any number of clients, where a mean that includes the client would give about
+  1/sqrt(K)), overall, without the embeddings (whose rows move only for the tokens a
+  client saw) and per layer group; and each layer group's relative change ``|g'_G - g_G| / |g_G|``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from fedmpi.config import DIAGNOSTICS_LEVELS as LEVELS
 from fedmpi.flat import FlatParameters
 from fedmpi.hooks import RoundContext, RoundHook
 
-SAMPLE_SIZE = 2**20
+SAMPLE_SIZE = 2**20  # coordinates of one client's sample, at most
+FEDERATION_SAMPLES = 2**24  # coordinates of all clients' samples together, at most
 EMBEDDINGS = "embeddings"
 # Layer groups by parameter name, first match wins: BERT/ALBERT/DistilBERT/MPNet encoders,
 # GPT-2 (h.N), Llama/Qwen/Mistral (layers.N); heads and norms by their usual names.
@@ -74,9 +75,14 @@ def squared_distance(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int 
     return float(total)
 
 
-def sample_stride(numel: int) -> int:
-    """The stride that takes at most SAMPLE_SIZE coordinates."""
-    return max(1, math.ceil(numel / SAMPLE_SIZE))
+def sample_stride(numel: int, n_clients: int) -> int:
+    """The stride of the sample each client's update keeps until the Allreduce: at most
+    SAMPLE_SIZE coordinates, and at most FEDERATION_SAMPLES over the ``n_clients`` (64 MiB
+    of fp32 for the whole job, however many clients a rank hosts: 200 clients of MiniLM
+    once held ~400 MiB a rank in samples). It depends on the client count, never on
+    ``-np``, so the cosines do not either; up to 16 clients keep 2**20 coordinates."""
+    per_client = min(SAMPLE_SIZE, max(1, FEDERATION_SAMPLES // max(1, n_clients)))
+    return max(1, math.ceil(numel / per_client))
 
 
 class UpdateDiagnostics(RoundHook):
@@ -88,7 +94,7 @@ class UpdateDiagnostics(RoundHook):
         if level not in LEVELS:
             raise ValueError(f"unknown diagnostics level {level!r}")
         self.flat, self.n_clients, self.level = flat, n_clients, level
-        self.stride = sample_stride(flat.numel)
+        self.stride = sample_stride(flat.numel, n_clients)
         self.group_names = list(dict.fromkeys(layer_group(n) for n in flat.names))
         self.group_of_param = [self.group_names.index(layer_group(n)) for n in flat.names]
         # The sample as runs of coordinates of one layer group: (group, start, stop).
