@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedmpi-installed
 
 STUDY_STAMP := $(VENV)/.fedmpi-study-installed
 
-.PHONY: install study-install run test test-fast lint bench study study-pilot privacy report clean
+.PHONY: install study-install run test test-fast lint bench study study-pilot study-compression privacy report clean
 
 install: $(STAMP)
 
@@ -51,7 +51,11 @@ study: install study-install
 
 ## The study's learning-rate pilot (9 runs, committed under study/pilot/; resumable).
 study-pilot: install
-	PILOT=1 FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
+	STUDY=pilot FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
+
+## The compression study of docs/compression.md (18 runs, about 1 h on 2 cores; resumable).
+study-compression: install
+	STUDY=compression FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
 
 ## The privacy-utility runs committed under study/privacy/ (8 runs, about 1 h on 2 cores;
 ## resumable), then their report.
@@ -62,6 +66,8 @@ privacy: install
 report: install
 	$(PY) -m fedmpi.report study/runs --output study/report
 	$(PY) -m fedmpi.report study/pilot/runs --output study/pilot/report
+	$(PY) -m fedmpi.report study/v1/runs --output study/v1/report
+	$(PY) -m fedmpi.report study/compression/runs --output study/compression/report
 	$(PY) -m fedmpi.report study/privacy/runs --output study/privacy/report
 
 bench: install

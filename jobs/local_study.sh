@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The CPU study committed under study/ (docs/study.md): does FedAvg fine-tuning of a
-# pretrained encoder slow down, or collapse, as one training set is split over more
-# clients, and is that the averaging or the fewer, larger steps? Arms are (clients x batch)
-# on the same 640 training examples, with a centralized control; every choice is made on
-# validation data. Run from anywhere (or `make study`, `make study-pilot`):
+# The CPU studies committed under study/ (docs/study.md, docs/compression.md): does FedAvg
+# fine-tuning of a pretrained encoder slow down, or collapse, as one training set is split
+# over more clients, and is that the averaging or the fewer, larger steps? Arms are
+# (clients x batch) on the same 640 training examples, with a centralized control; every
+# choice is made on validation data. Run from anywhere (or `make study`, `make study-pilot`,
+# `make study-compression`):
 #
 #   jobs/local_study.sh                          # 4 arms x 5 seeds = 20 runs, ~2 h on 2 cores
-#   PILOT=1 jobs/local_study.sh                  # the learning-rate pilot (study/pilot)
+#   STUDY=pilot jobs/local_study.sh              # the learning-rate pilot (study/pilot)
+#   STUDY=compression jobs/local_study.sh        # 6 update codecs x 3 seeds (study/compression)
 #   FEDMPI_STUDY_DRY_RUN=1 jobs/local_study.sh   # print the commands only
 #   SEEDS=1 ARMS="1x8 16x8" jobs/local_study.sh  # a slice of it
 #
@@ -16,6 +18,8 @@
 #     epoch a round: 1x8 takes 80 steps a round, 4x8 20 per client, 16x8 5 per client;
 #     1x128 is the centralized control: 5 steps of 128 = the examples of one 16x8 round,
 #     one step's worth of each of its clients, in one step (no averaging)
+#   VARIANTS []: ";"-separated NAME:FLAGS, each a further arm with more fedmpi flags (the
+#     run's directory gets -NAME); empty: one variant with no further flags
 #   SEEDS [1 2 3 4 5]: --seed (shards, order, dropout, head); the data (split, training,
 #     validation and test examples) follow --data-seed 0 in every run, so every arm and
 #     seed is scored on the same validation and test sets
@@ -23,12 +27,16 @@
 #     (docs/study.md: the best mean over the pilot's arms of the best validation accuracy)
 #   ROUNDS [20]   TRAIN_SAMPLES [640]   VAL_SAMPLES [300]   TEST_SAMPLES [1000]
 #   EVAL_EVERY [2]   MAX_SEQ_LEN [64], with --group-by-length, --diagnostics norms
-#   PILOT [0]: 1 runs the pilot instead: SEEDS 0 (no seed of the main study), LRS
-#     "3e-5 1e-4 3e-4", ARMS "1x8 16x8 1x128" (the extremes and the control), ROUNDS 10,
-#     OUT_ROOT study/pilot/runs, REPORT study/pilot/report
+#   STUDY [main]: a preset of the defaults above:
+#     pilot: SEEDS 0 (no seed of the main study), LRS "3e-5 1e-4 3e-4", ARMS "1x8 16x8
+#       1x128" (the extremes and the control), ROUNDS 10, OUT_ROOT study/pilot/runs,
+#       REPORT study/pilot/report
+#     compression: ARMS 8x8, SEEDS "1 2 3", ROUNDS 15, EVAL_EVERY 5, VARIANTS none, bf16,
+#       int8, int4, top-k 1 % with and without --error-feedback, OUT_ROOT
+#       study/compression/runs, REPORT study/compression/report
 #   JOBS [2]: runs at once, each one MPI rank with one torch thread (results do not depend
 #     on -np: tests/test_algorithms_mpi.py)
-#   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-b<B>-lr<LR>-s<seed>
+#   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-b<B>-lr<LR>[-NAME]-s<seed>
 #   REPORT [study/report]
 #
 # Every run checkpoints every round: the study can be stopped at any time (a session
@@ -41,17 +49,26 @@ cd "$(dirname "$0")/.."
 # shellcheck source=common.sh
 source jobs/common.sh
 
-pilot=${PILOT:-0}
-if [[ "$pilot" == 1 ]]; then
-    defaults=(0 "3e-5 1e-4 3e-4" 10 study/pilot/runs study/pilot/report "1x8 16x8 1x128")
-else
-    defaults=("1 2 3 4 5" 1e-4 20 study/runs study/report "1x8 4x8 16x8 1x128")
-fi
+# Defaults by preset: seeds, learning rates, rounds, output, report, arms, variants, eval.
+case "${STUDY:-main}" in
+main) defaults=("1 2 3 4 5" 1e-4 20 study/runs study/report "1x8 4x8 16x8 1x128" "" 2) ;;
+pilot) defaults=(0 "3e-5 1e-4 3e-4" 10 study/pilot/runs study/pilot/report "1x8 16x8 1x128" "" 2) ;;
+compression)
+    defaults=("1 2 3" 1e-4 15 study/compression/runs study/compression/report 8x8
+        "none:;bf16:--compress bf16;int8:--compress int8;int4:--compress int4;topk1:--compress topk:0.01;topk1-ef:--compress topk:0.01 --error-feedback" 5)
+    ;;
+*)
+    echo "local study: STUDY must be main, pilot or compression, not '$STUDY'" >&2
+    exit 2
+    ;;
+esac
 read -r -a models <<<"${MODELS:-minilm}"
 read -r -a tasks <<<"${TASKS:-rotten_tomatoes}"
 read -r -a arms <<<"${ARMS:-${defaults[5]}}"
 read -r -a seeds <<<"${SEEDS:-${defaults[0]}}"
 read -r -a lrs <<<"${LRS:-${defaults[1]}}"
+IFS=";" read -r -a variants <<<"${VARIANTS-${defaults[6]}}"
+((${#variants[@]})) || variants=("")
 rounds=${ROUNDS:-${defaults[2]}}
 out_root=${OUT_ROOT:-${defaults[3]}}
 report=${REPORT:-${defaults[4]}}
@@ -64,17 +81,19 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # One run: print it (dry run), or run it resumably (jobs/common.sh).
 run_one() {
-    local model=$1 task=$2 clients=$3 batch=$4 lr=$5 seed=$6 n=$7 total=$8
-    local out="$out_root/$model-$task-${clients}c-b$batch-lr$lr-s$seed"
+    local model=$1 task=$2 clients=$3 batch=$4 lr=$5 seed=$6 variant=$7 n=$8 total=$9
+    local name=${variant%%:*} more=()
+    read -r -a more <<<"${variant#*:}"
+    local out="$out_root/$model-$task-${clients}c-b$batch-lr$lr${name:+-$name}-s$seed"
     local cmd=(
         "$mpiexec" -n 1 "$python" -m fedmpi
         --model "$model" --dataset "$task" --clients "$clients" --seed "$seed" --data-seed 0
         --rounds "$rounds" --train-samples "${TRAIN_SAMPLES:-640}"
         --val-samples "${VAL_SAMPLES:-300}" --test-samples "${TEST_SAMPLES:-1000}"
-        --eval-every "${EVAL_EVERY:-2}" --max-seq-len "${MAX_SEQ_LEN:-64}"
+        --eval-every "${EVAL_EVERY:-${defaults[7]}}" --max-seq-len "${MAX_SEQ_LEN:-64}"
         --batch-size "$batch" --local-epochs 1 --group-by-length
         --optimizer adamw --lr "$lr" --threads 1 --diagnostics norms
-        --checkpoint-every 1 --output "$out"
+        --checkpoint-every 1 --output "$out" ${more[@]+"${more[@]}"}
     )
     if [[ "$dry_run" == 1 ]]; then
         printf '%q ' "${cmd[@]}"
@@ -91,7 +110,9 @@ for seed in "${seeds[@]}"; do
         for task in "${tasks[@]}"; do
             for lr in "${lrs[@]}"; do
                 for arm in "${arms[@]}"; do
-                    cells+=("$model $task ${arm%x*} ${arm#*x} $lr $seed")
+                    for variant in "${variants[@]}"; do
+                        cells+=("$model|$task|${arm%x*}|${arm#*x}|$lr|$seed|$variant")
+                    done
                 done
             done
         done
@@ -102,17 +123,17 @@ n=0
 failed=0
 running=0
 for cell in "${cells[@]}"; do
-    read -r model task clients batch lr seed <<<"$cell"
+    IFS="|" read -r model task clients batch lr seed variant <<<"$cell"
     n=$((n + 1))
     if [[ "$dry_run" == 1 ]]; then
-        run_one "$model" "$task" "$clients" "$batch" "$lr" "$seed" "$n" "$total"
+        run_one "$model" "$task" "$clients" "$batch" "$lr" "$seed" "$variant" "$n" "$total"
         continue
     fi
     if ((running >= jobs)); then
         wait -n || failed=$((failed + 1))
         running=$((running - 1))
     fi
-    run_one "$model" "$task" "$clients" "$batch" "$lr" "$seed" "$n" "$total" &
+    run_one "$model" "$task" "$clients" "$batch" "$lr" "$seed" "$variant" "$n" "$total" &
     running=$((running + 1))
 done
 while ((running > 0)); do

@@ -322,11 +322,35 @@ def test_local_study_commands():
     assert [int(flag(c, "--seed")) for c in runs] == sorted(int(flag(c, "--seed")) for c in runs)
     assert report[1:] == ["-m", "fedmpi.report", "study/runs", "--output", "study/report"]
 
-    pilot = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "PILOT": "1"})
+    pilot = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "STUDY": "pilot"})
     *runs, report = [shlex.split(line) for line in pilot.stdout.splitlines()]
     assert {flag(c, "--seed") for c in runs} == {"0"}  # no seed of the main study
     assert len({flag(c, "--lr") for c in runs}) == 3 and len(runs) == 9
     assert report[-1] == "study/pilot/report"
+
+    compression = bash(
+        "bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "STUDY": "compression"}
+    )
+    *runs, report = [shlex.split(line) for line in compression.stdout.splitlines()]
+    codecs = {}
+    for command in runs:
+        assert (flag(command, "--clients"), flag(command, "--rounds")) == ("8", "15")
+        out = flag(command, "--output")
+        codec = out.split("lr1e-4-")[1].rsplit("-s", 1)[0]
+        after = command[command.index("--output") + 2 :]  # the variant's own flags
+        codecs.setdefault(codec, set()).add((tuple(after), flag(command, "--seed")))
+    assert {codec: {flags for flags, _ in seen} for codec, seen in codecs.items()} == {
+        "none": {()},
+        "bf16": {("--compress", "bf16")},
+        "int8": {("--compress", "int8")},
+        "int4": {("--compress", "int4")},
+        "topk1": {("--compress", "topk:0.01")},
+        "topk1-ef": {("--compress", "topk:0.01", "--error-feedback")},
+    }
+    assert all({seed for _, seed in seen} == {"1", "2", "3"} for seen in codecs.values())
+    assert report[-1] == "study/compression/report"
+    wrong = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "STUDY": "x"})
+    assert wrong.returncode == 2 and "STUDY must be" in wrong.stderr
 
     small = bash(
         "bash jobs/local_study.sh",
