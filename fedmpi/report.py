@@ -268,8 +268,8 @@ def write_markdown(
         "round of the best validation accuracy (--val-samples), and the test accuracy "
         f"there. `rounds to {reach:g} %`: mean first round reaching {reach:g} % of the "
         "1-client run's mean best test accuracy (same configuration otherwise), over the "
-        "seeds that reached it (`reached`). Bytes: what one client uploads per round (the "
-        "Allreduce payload).",
+        "seeds that reached it (`reached`). Bytes: what one client uploads per round (its "
+        "compressed update with --compress, else the Allreduce payload).",
         "",
         "| model | dataset | arm | seeds | majority | final acc | selected round "
         "| test acc at selected | final macro-F1 | learned / slow / collapsed "

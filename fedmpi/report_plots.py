@@ -21,6 +21,9 @@ questions:
   against the epsilon spent, one point per configuration, with the clients' own accuracy
   (``--eval-clients``: mean, the bar one standard deviation across clients, the triangle
   the 10th percentile): what does a privacy budget cost, and whom?
+* ``compression_<model>_<dataset>.png`` (where a run compressed its updates,
+  ``--compress``): final test accuracy against the megabytes one client uploads a round
+  (log axis), one point per configuration: what does a smaller upload cost in accuracy?
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from fedmpi.report_runs import Group  # noqa: E402
 
@@ -208,12 +211,46 @@ def privacy_utility(groups: list[Group], path: Path) -> Path:
     return _save(fig, path)
 
 
+def compression_utility(groups: list[Group], path: Path) -> Path:
+    """One model x dataset: final accuracy (mean, 95 % interval) vs the bytes a client
+    uploads a round, a point per configuration labelled by its setting."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group in sorted(groups, key=lambda g: -g.first.bytes_per_client_round):
+        mean, half = group.stat(lambda r: r.final_accuracy)
+        megabytes = group.first.bytes_per_client_round / 1e6
+        label = f"{group.setting or 'fp32'} (n={len(group.runs)})"
+        ax.errorbar(
+            [megabytes],
+            [mean],
+            yerr=[0.0 if math.isnan(half) else half],
+            marker="o",
+            capsize=3,
+            linestyle="none",
+            label=label,
+        )
+    _majority(ax, groups)
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    run = groups[0].first
+    ax.set(
+        xlabel="MB one client uploads a round",
+        ylabel="final test accuracy",
+        title=f"{run.model} on {run.dataset}",
+    )
+    ax.legend(fontsize="x-small")
+    return _save(fig, path)
+
+
 def write_figures(groups: list[Group], out: Path) -> list[Path]:
     """Every figure for these groups into ``out``; returns their paths."""
     curves: dict[tuple[str, str, str], list[Group]] = defaultdict(list)
     datasets: dict[str, list[Group]] = defaultdict(list)
     private: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    by_task: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for group in groups:
+        by_task[(group.first.model, group.first.dataset)].append(group)
         curves[(group.first.model, group.first.dataset, group.setting)].append(group)
         datasets[group.first.dataset].append(group)
         if group.first.epsilon is not None:
@@ -234,4 +271,8 @@ def write_figures(groups: list[Group], out: Path) -> list[Path]:
         figures.append(final_vs_clients(members, out / f"final_accuracy_{_slug(dataset)}.png"))
     for (model, dataset), members in sorted(private.items()):
         figures.append(privacy_utility(members, out / f"privacy_{_slug(model, dataset)}.png"))
+    for (model, dataset), members in sorted(by_task.items()):
+        if any(r.upload_bytes is not None for g in members for r in g.runs):
+            path = out / f"compression_{_slug(model, dataset)}.png"
+            figures.append(compression_utility(members, path))
     return figures

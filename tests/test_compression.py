@@ -7,6 +7,7 @@ report's bytes. Whole runs (``-np`` independence, resume, DP) are in
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ from fedmpi.compression import (
 )
 from fedmpi.config import Config
 from fedmpi.errors import UsageError
+from fedmpi.report import main
 from fedmpi.report_runs import load_run
 from fedmpi.results import RESULTS_NAME, ResultsWriter
 
@@ -366,3 +368,9 @@ def test_the_report_counts_the_uploaded_bytes(tmp_path):
         )
     run = load_run(path / RESULTS_NAME)
     assert run.bytes_per_client_round == 100.0 and run.bytes_total == 500.0
+    out = tmp_path / "report"
+    assert main([str(path), "--out", str(out)]) == 0
+    assert (out / "compression_m_toy.png").read_bytes().startswith(b"\x89PNG")
+    with open(out / "summary.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert float(row["bytes_per_client_round"]) == 100.0
