@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedmpi-installed
 
 STUDY_STAMP := $(VENV)/.fedmpi-study-installed
 
-.PHONY: install study-install run test test-fast lint bench study study-pilot study-compression privacy report clean
+.PHONY: install study-install run test test-fast lint bench study study-pilot study-compression study-privacy privacy report clean
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ study-pilot: install
 ## The compression study of docs/compression.md (18 runs, about 1 h on 2 cores; resumable).
 study-compression: install
 	STUDY=compression FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
+
+## Privacy study v2 (docs/privacy.md: 24 runs, about 3 h on 2 cores; resumable).
+study-privacy: install
+	STUDY=privacy FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
 
 ## The privacy-utility runs committed under study/privacy/ (8 runs, about 1 h on 2 cores;
 ## resumable), then their report.

@@ -183,32 +183,13 @@ class ClientLevelDP:
         return share
 
     def epsilon(self) -> float:
-        """Epsilon at ``delta`` after the rounds so far (inf without noise, never
-        negative): the PRV accountant's upper bound, or the RDP one where that is tighter
-        or the PRV one cannot be computed. Both bound the same mechanism, so the smaller
-        is a valid bound."""
-        if self.rounds == 0:
-            return 0.0
-        if self.noise == 0:
-            return math.inf
-        tight = min(
-            prv_epsilon(self.noise, self.accountant_rate, self.rounds, self.delta),
-            self.epsilon_rdp(),
-        )
-        return max(0.0, tight)
+        """Epsilon at ``delta`` after the rounds so far (``spent_epsilon``)."""
+        return spent_epsilon(self.noise, self.accountant_rate, self.rounds, self.delta)
 
     def epsilon_rdp(self) -> float:
         """Epsilon at ``delta`` from the RDP accountant (what fedmpi reported before the
         PRV accountant; looser), never negative."""
-        if self.rounds == 0:
-            return 0.0
-        if self.noise == 0:
-            return math.inf
-        from opacus.accountants import RDPAccountant  # heavy import: only under DP
-
-        accountant = RDPAccountant()
-        accountant.history = [(self.noise, self.accountant_rate, self.rounds)]
-        return max(0.0, float(accountant.get_epsilon(delta=self.delta)))
+        return rdp_epsilon(self.noise, self.accountant_rate, self.rounds, self.delta)
 
     def results_attrs(self) -> dict[str, object]:
         """The accountant's inputs, as attributes of results.h5 (never the key)."""
@@ -362,6 +343,32 @@ def count_noise_draw(key: np.ndarray, round_: int) -> float:
     its fourth (the update's streams have 0 there, and never reach it)."""
     rng = np.random.Generator(np.random.Philox(key=key, counter=[0, 0, round_, 1]))
     return float(rng.standard_normal())
+
+
+def spent_epsilon(noise: float, rate: float, rounds: int, delta: float) -> float:
+    """Epsilon at ``delta`` after ``rounds`` of the Poisson subsampled Gaussian mechanism
+    (inf without noise, never negative): the PRV accountant's upper bound, or the RDP one
+    where that is tighter or the PRV one cannot be computed. Both bound the same
+    mechanism, so the smaller is a valid bound."""
+    if rounds == 0:
+        return 0.0
+    if noise == 0:
+        return math.inf
+    tight = min(prv_epsilon(noise, rate, rounds, delta), rdp_epsilon(noise, rate, rounds, delta))
+    return max(0.0, tight)
+
+
+def rdp_epsilon(noise: float, rate: float, rounds: int, delta: float) -> float:
+    """The RDP accountant's epsilon at ``delta`` (looser than PRV), never negative."""
+    if rounds == 0:
+        return 0.0
+    if noise == 0:
+        return math.inf
+    from opacus.accountants import RDPAccountant  # heavy import: only under DP
+
+    accountant = RDPAccountant()
+    accountant.history = [(noise, rate, rounds)]
+    return max(0.0, float(accountant.get_epsilon(delta=delta)))
 
 
 def prv_epsilon(noise: float, rate: float, rounds: int, delta: float) -> float:

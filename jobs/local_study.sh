@@ -9,6 +9,7 @@
 #   jobs/local_study.sh                          # 4 arms x 5 seeds = 20 runs, ~2 h on 2 cores
 #   STUDY=pilot jobs/local_study.sh              # the learning-rate pilot (study/pilot)
 #   STUDY=compression jobs/local_study.sh        # 6 update codecs x 3 seeds (study/compression)
+#   STUDY=privacy jobs/local_study.sh            # 8 DP arms x 3 seeds (study/privacy-v2)
 #   FEDMPI_STUDY_DRY_RUN=1 jobs/local_study.sh   # print the commands only
 #   SEEDS=1 ARMS="1x8 16x8" jobs/local_study.sh  # a slice of it
 #
@@ -19,14 +20,16 @@
 #     1x128 is the centralized control: 5 steps of 128 = the examples of one 16x8 round,
 #     one step's worth of each of its clients, in one step (no averaging)
 #   VARIANTS []: ";"-separated NAME:FLAGS, each a further arm with more fedmpi flags (the
-#     run's directory gets -NAME); empty: one variant with no further flags
+#     run's directory gets -NAME; {seed} in FLAGS becomes the run's seed); empty: one
+#     variant with no further flags
 #   SEEDS [1 2 3 4 5]: --seed (shards, order, dropout, head); the data (split, training,
 #     validation and test examples) follow --data-seed 0 in every run, so every arm and
 #     seed is scored on the same validation and test sets
 #   LRS [1e-4]: AdamW learning rates; 1e-4 was chosen on validation by the pilot
 #     (docs/study.md: the best mean over the pilot's arms of the best validation accuracy)
 #   ROUNDS [20]   TRAIN_SAMPLES [640]   VAL_SAMPLES [300]   TEST_SAMPLES [1000]
-#   EVAL_EVERY [2]   MAX_SEQ_LEN [64], with --group-by-length, --diagnostics norms
+#   EVAL_EVERY [2]   MAX_SEQ_LEN [64], with --group-by-length (and, but for privacy,
+#   --local-epochs 1 --diagnostics norms)
 #   STUDY [main]: a preset of the defaults above:
 #     pilot: SEEDS 0 (no seed of the main study), LRS "3e-5 1e-4 3e-4", ARMS "1x8 16x8
 #       1x128" (the extremes and the control), ROUNDS 10, OUT_ROOT study/pilot/runs,
@@ -34,6 +37,10 @@
 #     compression: ARMS 8x8, SEEDS "1 2 3", ROUNDS 15, EVAL_EVERY 5, VARIANTS none, bf16,
 #       int8, int4, top-k 1 % with and without --error-feedback, OUT_ROOT
 #       study/compression/runs, REPORT study/compression/report
+#     privacy: LoRA DP-FedAvg over clients that are movies (see below), ARMS 400x8, LRS
+#       3e-3, SEEDS "1 2 3", ROUNDS 10, TRAIN_SAMPLES all, TEST_SAMPLES 500, EVAL_EVERY 5;
+#       VARIANTS no DP, clipping only, and epsilon 1, 3, 8 each with frozen-A and plain
+#       LoRA (--dp-noise-seed = the seed); OUT_ROOT study/privacy-v2/runs
 #   JOBS [2]: runs at once, each one MPI rank with one torch thread (results do not depend
 #     on -np: tests/test_algorithms_mpi.py)
 #   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-b<B>-lr<LR>[-NAME]-s<seed>
@@ -49,19 +56,40 @@ cd "$(dirname "$0")/.."
 # shellcheck source=common.sh
 source jobs/common.sh
 
-# Defaults by preset: seeds, learning rates, rounds, output, report, arms, variants, eval.
+# Defaults by preset: seeds, learning rates, rounds, output, report, arms, variants, eval
+# every, training examples, test examples, the flags every run of the preset gets.
+encoder="--local-epochs 1 --diagnostics norms"
+# Client-level DP-FedAvg with LoRA on clients that are movies (docs/privacy.md): cohorts
+# of 40 of ~400 clients, simulated as cohorts of 1,000 of 100,000 for the noise and the
+# accountant; each DP arm's --dp-noise spends epsilon 1, 3 or 8 at delta 1 / 100000^1.1
+# after 10 rounds (python -m fedmpi.calibrate --epsilon 1 3 8 --rounds 10 --cohort 1000
+# --population 100000). Clip 2.8: the median client update norm of study v1's no-noise runs.
+private="--partition by:movie_name --clients-per-round 40 --weighting uniform --peft lora"
+private+=" --local-epochs 2 --eval-clients --diagnostics off --server-opt avgm --server-momentum 0.9"
+dp="--dp-clip 2.8 --dp-noise-cohort 1000 --dp-population 100000 --dp-noise-seed {seed}"
+dp_arms=""
+for level in "1 0.8291" "3 0.603" "8 0.4089"; do
+    read -r eps z <<<"$level"
+    dp_arms+=";eps$eps-frozen-a:$dp --dp-noise $z --lora-freeze-a;eps$eps-lora:$dp --dp-noise $z"
+done
 case "${STUDY:-main}" in
-main) defaults=("1 2 3 4 5" 1e-4 20 study/runs study/report "1x8 4x8 16x8 1x128" "" 2) ;;
-pilot) defaults=(0 "3e-5 1e-4 3e-4" 10 study/pilot/runs study/pilot/report "1x8 16x8 1x128" "" 2) ;;
+main) defaults=("1 2 3 4 5" 1e-4 20 study/runs study/report "1x8 4x8 16x8 1x128" "" 2 640 1000 "$encoder") ;;
+pilot) defaults=(0 "3e-5 1e-4 3e-4" 10 study/pilot/runs study/pilot/report "1x8 16x8 1x128" "" 2 640 1000 "$encoder") ;;
 compression)
     defaults=("1 2 3" 1e-4 15 study/compression/runs study/compression/report 8x8
-        "none:;bf16:--compress bf16;int8:--compress int8;int4:--compress int4;topk1:--compress topk:0.01;topk1-ef:--compress topk:0.01 --error-feedback" 5)
+        "none:;bf16:--compress bf16;int8:--compress int8;int4:--compress int4;topk1:--compress topk:0.01;topk1-ef:--compress topk:0.01 --error-feedback"
+        5 640 1000 "$encoder")
+    ;;
+privacy)
+    defaults=("1 2 3" 3e-3 10 study/privacy-v2/runs study/privacy-v2/report 400x8
+        "none:--dp-clip inf --dp-noise 0;clip:--dp-clip 2.8 --dp-noise 0$dp_arms" 5 all 500 "$private")
     ;;
 *)
-    echo "local study: STUDY must be main, pilot or compression, not '$STUDY'" >&2
+    echo "local study: STUDY must be main, pilot, compression or privacy, not '$STUDY'" >&2
     exit 2
     ;;
 esac
+read -r -a preset_flags <<<"${defaults[10]}"
 read -r -a models <<<"${MODELS:-minilm}"
 read -r -a tasks <<<"${TASKS:-rotten_tomatoes}"
 read -r -a arms <<<"${ARMS:-${defaults[5]}}"
@@ -82,18 +110,17 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # One run: print it (dry run), or run it resumably (jobs/common.sh).
 run_one() {
     local model=$1 task=$2 clients=$3 batch=$4 lr=$5 seed=$6 variant=$7 n=$8 total=$9
-    local name=${variant%%:*} more=()
-    read -r -a more <<<"${variant#*:}"
+    local name=${variant%%:*} flags=${variant#*:} more=()
+    read -r -a more <<<"${flags//\{seed\}/$seed}"
     local out="$out_root/$model-$task-${clients}c-b$batch-lr$lr${name:+-$name}-s$seed"
     local cmd=(
         "$mpiexec" -n 1 "$python" -m fedmpi
         --model "$model" --dataset "$task" --clients "$clients" --seed "$seed" --data-seed 0
-        --rounds "$rounds" --train-samples "${TRAIN_SAMPLES:-640}"
-        --val-samples "${VAL_SAMPLES:-300}" --test-samples "${TEST_SAMPLES:-1000}"
+        --rounds "$rounds" --train-samples "${TRAIN_SAMPLES:-${defaults[8]}}"
+        --val-samples "${VAL_SAMPLES:-300}" --test-samples "${TEST_SAMPLES:-${defaults[9]}}"
         --eval-every "${EVAL_EVERY:-${defaults[7]}}" --max-seq-len "${MAX_SEQ_LEN:-64}"
-        --batch-size "$batch" --local-epochs 1 --group-by-length
-        --optimizer adamw --lr "$lr" --threads 1 --diagnostics norms
-        --checkpoint-every 1 --output "$out" ${more[@]+"${more[@]}"}
+        --batch-size "$batch" --group-by-length --optimizer adamw --lr "$lr" --threads 1
+        "${preset_flags[@]}" --checkpoint-every 1 --output "$out" ${more[@]+"${more[@]}"}
     )
     if [[ "$dry_run" == 1 ]]; then
         printf '%q ' "${cmd[@]}"

@@ -298,6 +298,20 @@ def test_submit_script_sizes_each_block_to_its_clients():
     assert blocks == [(1, 32), (2, 32), (4, 32), (8, 32), (16, 32), (32, 32), (1, 1024)]
 
 
+@pytest.mark.parametrize("study", ["main", "pilot", "compression", "privacy"])
+def test_every_study_command_is_a_valid_configuration(study):
+    """Each preset's runs parse and validate as fedmpi would (a typo in a preset's flags
+    would otherwise surface hours into a study)."""
+    from fedmpi.cli import parse_config
+
+    result = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "STUDY": study})
+    assert result.returncode == 0, result.stderr
+    for line in result.stdout.splitlines()[:-1]:
+        command = shlex.split(line)
+        assert command[4:6] == ["-m", "fedmpi"]
+        parse_config(command[6:], world_size=1)
+
+
 def test_local_study_commands():
     """The committed design (docs/study.md): 4 arms x 5 seeds on the same data, with the
     arm's clients and batch, validation, and resumable runs; the pilot uses seed 0 only."""
@@ -349,6 +363,30 @@ def test_local_study_commands():
     }
     assert all({seed for _, seed in seen} == {"1", "2", "3"} for seen in codecs.values())
     assert report[-1] == "study/compression/report"
+    private = bash(
+        "bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "STUDY": "privacy"}
+    )
+    *runs, report = [shlex.split(line) for line in private.stdout.splitlines()]
+    arms = {}
+    for command in runs:
+        out, seed = flag(command, "--output"), flag(command, "--seed")
+        arm = out.split("lr3e-3-")[1].rsplit("-s", 1)[0]
+        arms.setdefault(arm, set()).add(seed)
+        assert flag(command, "--peft") == "lora" and "--eval-clients" in command
+        if arm.startswith("eps"):  # reproducible noise, simulated cohorts, the calibrated z
+            assert flag(command, "--dp-noise-seed") == seed
+            assert ("--lora-freeze-a" in command) == arm.endswith("frozen-a")
+            noise = {"1": "0.8291", "3": "0.603", "8": "0.4089"}[arm[3:].split("-")[0]]
+            assert flag(command, "--dp-noise") == noise
+            assert flag(command, "--dp-population") == "100000"
+        else:
+            assert flag(command, "--dp-noise") == "0" and "--dp-noise-seed" not in command
+    assert set(arms) == {"none", "clip"} | {
+        f"eps{e}-{v}" for e in (1, 3, 8) for v in ("frozen-a", "lora")
+    }
+    assert all(seeds == {"1", "2", "3"} for seeds in arms.values())
+    assert report[-1] == "study/privacy-v2/report"
+
     wrong = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "STUDY": "x"})
     assert wrong.returncode == 2 and "STUDY must be" in wrong.stderr
 
