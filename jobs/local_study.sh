@@ -9,6 +9,7 @@
 #   jobs/local_study.sh                          # 4 arms x 5 seeds = 20 runs, ~2 h on 2 cores
 #   STUDY=pilot jobs/local_study.sh              # the learning-rate pilot (study/pilot)
 #   STUDY=compression jobs/local_study.sh        # 6 update codecs x 3 seeds (study/compression)
+#   STUDY=privacy-pilot jobs/local_study.sh      # its server optimizers (12 runs, seed 0)
 #   STUDY=privacy jobs/local_study.sh            # 8 DP arms x 3 seeds (study/privacy-v2)
 #   FEDMPI_STUDY_DRY_RUN=1 jobs/local_study.sh   # print the commands only
 #   SEEDS=1 ARMS="1x8 16x8" jobs/local_study.sh  # a slice of it
@@ -41,6 +42,8 @@
 #       3e-3, SEEDS "1 2 3", ROUNDS 10, TRAIN_SAMPLES all, TEST_SAMPLES 500, EVAL_EVERY 5;
 #       VARIANTS no DP, clipping only, and epsilon 1, 3, 8 each with frozen-A and plain
 #       LoRA (--dp-noise-seed = the seed); OUT_ROOT study/privacy-v2/runs
+#     privacy-pilot: SEEDS 0, no DP and epsilon 1, 3, 8 (frozen-A), each with three
+#       server optimizers; OUT_ROOT study/privacy-v2/pilot/runs
 #   JOBS [2]: runs at once, each one MPI rank with one torch thread (results do not depend
 #     on -np: tests/test_algorithms_mpi.py)
 #   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-b<B>-lr<LR>[-NAME]-s<seed>
@@ -61,16 +64,41 @@ source jobs/common.sh
 encoder="--local-epochs 1 --diagnostics norms"
 # Client-level DP-FedAvg with LoRA on clients that are movies (docs/privacy.md): cohorts
 # of 40 of ~400 clients, simulated as cohorts of 1,000 of 100,000 for the noise and the
-# accountant; each DP arm's --dp-noise spends epsilon 1, 3 or 8 at delta 1 / 100000^1.1
+# accountant; each DP level's --dp-noise spends epsilon 1, 3 or 8 at delta 1 / 100000^1.1
 # after 10 rounds (python -m fedmpi.calibrate --epsilon 1 3 8 --rounds 10 --cohort 1000
 # --population 100000). Clip 2.8: the median client update norm of study v1's no-noise runs.
 private="--partition by:movie_name --clients-per-round 40 --weighting uniform --peft lora"
-private+=" --local-epochs 2 --eval-clients --diagnostics off --server-opt avgm --server-momentum 0.9"
+private+=" --local-epochs 2 --eval-clients --diagnostics off"
 dp="--dp-clip 2.8 --dp-noise-cohort 1000 --dp-population 100000 --dp-noise-seed {seed}"
-dp_arms=""
-for level in "1 0.8291" "3 0.603" "8 0.4089"; do
-    read -r eps z <<<"$level"
-    dp_arms+=";eps$eps-frozen-a:$dp --dp-noise $z --lora-freeze-a;eps$eps-lora:$dp --dp-noise $z"
+declare -A level_flags=(
+    [none]="--dp-clip inf --dp-noise 0" [clip]="--dp-clip 2.8 --dp-noise 0"
+    [eps1]="$dp --dp-noise 0.8291" [eps3]="$dp --dp-noise 0.603" [eps8]="$dp --dp-noise 0.4089"
+)
+# The server optimizers STUDY=privacy-pilot tries at each level, and the one the main
+# privacy study uses there: the pilot's best validation accuracy at that level (clip takes
+# none's). Until the pilot has run, study v1's server momentum 0.9 everywhere.
+declare -A servers=(
+    [avgm]="--server-opt avgm --server-momentum 0.9"
+    [avgm-half]="--server-opt avgm --server-momentum 0.9 --server-lr 0.5"
+    [fedavg]="--server-opt fedavg"
+)
+declare -A server_of=([none]=avgm [clip]=avgm [eps1]=avgm [eps3]=avgm [eps8]=avgm)
+privacy_arms=""
+for level in none clip eps1 eps3 eps8; do
+    flags="${level_flags[$level]} ${servers[${server_of[$level]}]}"
+    if [[ "$level" == eps* ]]; then
+        privacy_arms+=";$level-frozen-a:$flags --lora-freeze-a;$level-lora:$flags"
+    else
+        privacy_arms+=";$level:$flags"
+    fi
+done
+privacy_pilot_arms=""
+for level in none eps1 eps3 eps8; do
+    freeze=""
+    [[ "$level" == eps* ]] && freeze=" --lora-freeze-a"
+    for server in avgm avgm-half fedavg; do
+        privacy_pilot_arms+=";$level-$server:${level_flags[$level]} ${servers[$server]}$freeze"
+    done
 done
 case "${STUDY:-main}" in
 main) defaults=("1 2 3 4 5" 1e-4 20 study/runs study/report "1x8 4x8 16x8 1x128" "" 2 640 1000 "$encoder") ;;
@@ -82,10 +110,15 @@ compression)
     ;;
 privacy)
     defaults=("1 2 3" 3e-3 10 study/privacy-v2/runs study/privacy-v2/report 400x8
-        "none:--dp-clip inf --dp-noise 0;clip:--dp-clip 2.8 --dp-noise 0$dp_arms" 5 all 500 "$private")
+        "${privacy_arms#;}" 5 all 500 "$private")
+    ;;
+privacy-pilot)
+    defaults=(0 3e-3 10 study/privacy-v2/pilot/runs study/privacy-v2/pilot/report 400x8
+        "${privacy_pilot_arms#;}" 5 all 500 "$private")
     ;;
 *)
-    echo "local study: STUDY must be main, pilot, compression or privacy, not '$STUDY'" >&2
+    echo "local study: STUDY must be main, pilot, compression, privacy or privacy-pilot," \
+        "not '$STUDY'" >&2
     exit 2
     ;;
 esac

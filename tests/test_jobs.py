@@ -298,7 +298,7 @@ def test_submit_script_sizes_each_block_to_its_clients():
     assert blocks == [(1, 32), (2, 32), (4, 32), (8, 32), (16, 32), (32, 32), (1, 1024)]
 
 
-@pytest.mark.parametrize("study", ["main", "pilot", "compression", "privacy"])
+@pytest.mark.parametrize("study", ["main", "pilot", "compression", "privacy", "privacy-pilot"])
 def test_every_study_command_is_a_valid_configuration(study):
     """Each preset's runs parse and validate as fedmpi would (a typo in a preset's flags
     would otherwise surface hours into a study)."""
