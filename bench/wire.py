@@ -9,9 +9,11 @@ value) pairs, summed locally (k P pairs of 8 bytes against a payload of 4 n byte
 
 On a ``bench/simcluster.py`` cluster of N nodes x 1 rank (UCX over TCP on veth links
 shaped by ``tc``), for MiniLM's payload (22.7M floats), each way is timed end to end:
-the fp32 Allreduce in fedmpi's slices (``fedmpi.allreduce.CHUNK_BYTES``, the calls
-fedmpi makes), the bf16 one in slices of the same bytes including the conversions in
-and out, and the top-k Allgather including the local scatter-add into a dense average.
+fedmpi's fp32 Allreduce (``fedmpi.allreduce.WeightedAllreduce``: a rank's update added
+to the payload, then reduced in its slices), a bf16 Allreduce prototyped here in slices
+of the same bytes including the conversions in and out, and fedmpi's sparse wire
+(``fedmpi.sparse_wire.SparseAllgather``: the update added, its moved coordinates
+Allgathered and summed into a dense average).
 Each row also gives the error against the fp32 sum. Needs root.
 
     python bench/wire.py [--nodes 2 4] [--rates 1gbit 10gbit] [--repeats 3] [--fraction 0.01]
@@ -53,7 +55,9 @@ def worker(repeats: int, fraction: float) -> None:
     import torch
     from mpi4py import MPI
 
-    from fedmpi.allreduce import CHUNK_BYTES
+    from fedmpi.allreduce import CHUNK_BYTES, WeightedAllreduce
+    from fedmpi.comm import World
+    from fedmpi.sparse_wire import SparseAllgather
 
     torch.set_num_threads(1)  # as a fedmpi rank with --threads 1
 
@@ -73,12 +77,22 @@ def worker(repeats: int, fraction: float) -> None:
         sparse_exact[rank_chosen] += rank_values
     op = MPI.Op.Create(bf16_sum, commute=True)
 
+    world = World.from_comm(comm)
+    zeros = torch.zeros(n)
+    dense = WeightedAllreduce(world, n, "cpu")
+    sparse = SparseAllgather(world, zeros)
+    dense_update = torch.from_numpy(update)
+    sparse_update = torch.zeros(n)
+    sparse_update[torch.from_numpy(chosen).long()] = torch.from_numpy(values)
+
+    def through(aggregator, params: torch.Tensor) -> np.ndarray:
+        """fedmpi's own aggregation of this rank's update (weight 1 of 1: the sum)."""
+        aggregator.begin_round(1.0, rescale=False)
+        aggregator.add(params, 1.0, 0.0, 0.0)
+        return aggregator.allreduce().average.numpy()
+
     def fp32() -> np.ndarray:
-        buffer = update.copy()
-        step = CHUNK_BYTES // 4
-        for i in range(0, n, step):
-            comm.Allreduce(MPI.IN_PLACE, buffer[i : i + step], op=MPI.SUM)
-        return buffer
+        return through(dense, dense_update)
 
     def bf16() -> np.ndarray:
         wire = torch.from_numpy(update).to(torch.bfloat16)
@@ -89,17 +103,10 @@ def worker(repeats: int, fraction: float) -> None:
         return wire.float().numpy()
 
     def topk() -> np.ndarray:
-        indices = np.empty((comm.size, k), dtype=np.int32)
-        gathered = np.empty((comm.size, k), dtype=np.float32)
-        comm.Allgather(chosen, indices)
-        comm.Allgather(values, gathered)
-        total = np.zeros(n, dtype=np.float32)
-        for rank in range(comm.size):  # indices are distinct within a rank
-            total[indices[rank]] += gathered[rank]
-        return total
+        return through(sparse, sparse_update)
 
     ways = {"fp32 Allreduce (fedmpi)": (fp32, exact, 4 * n), "bf16 Allreduce": (bf16, exact, 2 * n)}
-    ways[f"top-k {fraction:g} Allgather"] = (topk, sparse_exact, 8 * k)
+    ways[f"top-k {fraction:g} Allgather (fedmpi's sparse wire)"] = (topk, sparse_exact, 8 * k)
     for way, (run, reference, sent) in ways.items():
         best = np.inf
         for _ in range(repeats):

@@ -104,6 +104,9 @@ def parse_config(argv: list[str] | None, world_size: int, is_root: bool = True) 
     values.update(flags)
     cfg = Config.from_mapping(values, source=config_file or "command line")
     cfg.validate(world_size)
+    from fedmpi.sparse_wire import requested_wire  # torch: after --help has had its say
+
+    requested_wire(cfg.compress, dict(os.environ))
     return cfg
 
 

@@ -35,6 +35,7 @@ from fedmpi.partition import round_cohort
 from fedmpi.preemption import StopRequest
 from fedmpi.prepare import Job
 from fedmpi.server import ServerHyper, ServerOptimizer
+from fedmpi.sparse_wire import SparseAllgather, wire_choice
 
 
 class RoundVoided(Exception):
@@ -59,14 +60,19 @@ class FederatedRound:
         self.fixed_denominator = next(
             (h.fixed_denominator for h in hooks if h.fixed_denominator is not None), None
         )
-        in_place = reduces_in_place(
-            len(job.plan.my_clients), cfg.server_opt, self.fixed_denominator is not None
-        )
-        self.aggregator = WeightedAllreduce(
-            world, flat.numel, job.device, in_place=flat.storage if in_place else None
-        )
-        self.server = ServerOptimizer(cfg.server_opt, ServerHyper.from_config(cfg), flat.buffer)
         self.start = flat_zeros(flat.numel, job.device)  # the global model a round starts from
+        self.aggregator: WeightedAllreduce | SparseAllgather
+        cohort = cfg.cohort_size(world.size) or len(job.plan.participants)
+        if wire_choice(cfg.compress, world, -(-cohort // world.size)) == "sparse":
+            self.aggregator = SparseAllgather(world, self.start)
+        else:
+            in_place = reduces_in_place(
+                len(job.plan.my_clients), cfg.server_opt, self.fixed_denominator is not None
+            )
+            self.aggregator = WeightedAllreduce(
+                world, flat.numel, job.device, in_place=flat.storage if in_place else None
+            )
+        self.server = ServerOptimizer(cfg.server_opt, ServerHyper.from_config(cfg), flat.buffer)
         self.optimizers = LocalOptimizers(cfg, flat.params)
         self.step_hooks = [h.adjust_gradients for h in hooks if overrides(h, "adjust_gradients")]
         self.scores: EvalResult | None = None

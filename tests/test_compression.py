@@ -374,3 +374,21 @@ def test_the_report_counts_the_uploaded_bytes(tmp_path):
     with open(out / "summary.csv", newline="") as handle:
         (row,) = list(csv.DictReader(handle))
     assert float(row["bytes_per_client_round"]) == 100.0
+
+
+def test_the_wire_is_sparse_by_default_only_for_sparse_codecs_across_nodes():
+    """auto: sparse for top-k/random-k between nodes while c F P < 1 (c clients a rank,
+    fraction F, P ranks); FEDMPI_WIRE forces either."""
+    from fedmpi.sparse_wire import wire_choice
+
+    one_node = SimpleNamespace(size=4, local_size=4)
+    two_nodes = SimpleNamespace(size=4, local_size=2)
+    assert wire_choice("topk:0.01", two_nodes, 2, {}) == "sparse"  # 2 x 0.01 x 4 = 0.08
+    assert wire_choice("randk:0.1", two_nodes, 2, {"FEDMPI_WIRE": "auto"}) == "sparse"  # 0.8
+    assert wire_choice("randk:0.1", two_nodes, 3, {}) == "dense"  # 1.2: the Allreduce is less
+    assert wire_choice("topk:0.01", one_node, 1, {}) == "dense"
+    assert wire_choice("int8", two_nodes, 1, {}) == "dense"
+    assert wire_choice("topk:0.01", two_nodes, 1, {"FEDMPI_WIRE": "dense"}) == "dense"
+    assert wire_choice("topk:0.5", one_node, 9, {"FEDMPI_WIRE": "sparse"}) == "sparse"
+    with pytest.raises(UsageError, match="needs --compress topk"):
+        wire_choice("none", two_nodes, 1, {"FEDMPI_WIRE": "sparse"})

@@ -113,3 +113,51 @@ def test_under_dp_the_clip_bounds_the_update_as_sent(tiny_bert, toy_dataset, tmp
     assert np.all(clipped[np.isfinite(clipped)] <= clip * (1 + 1e-5))
     assert results["diagnostics/client_update_norm"][0][np.isfinite(clipped)].min() > clip
     assert results["diagnostics/global_update_norm"][0] <= clip * (1 + 1e-5)
+
+
+def test_the_sparse_wire_gives_the_dense_result_in_fewer_bytes(tiny_bert, toy_dataset, tmp_path):
+    """top-k 10 % with error feedback at -np 2, over the sparse wire (FEDMPI_WIRE=sparse)
+    and over the dense Allreduce: the same model up to fp32 rounding, the same uploads,
+    and a wire of at most the rank's moved coordinates (8 bytes each) plus the tail."""
+    flags = (
+        "--clients", 4, "--lr", "2e-3", "--compress", "topk:0.1", "--error-feedback",
+        "--rounds", 2, "--checkpoint-every", 1,
+    )  # fmt: skip
+    runs = {}
+    for wire in ("dense", "sparse"):
+        out = tmp_path / wire
+        result = run_mpi(2, job(tiny_bert, toy_dataset, out, *flags), env={"FEDMPI_WIRE": wire})
+        assert result.returncode == 0, result.output[-3000:]
+        runs[wire] = (read_results(out / "results.h5"), final_state(out))
+    (dense, dense_state), (sparse, sparse_state) = runs["dense"], runs["sparse"]
+    np.testing.assert_allclose(sparse_state["params"], dense_state["params"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(
+        sparse["comm/client_upload_bytes"], dense["comm/client_upload_bytes"]
+    )
+    for key in ("metrics/test_loss", "metrics/train_loss"):
+        np.testing.assert_allclose(sparse[key], dense[key], rtol=1e-5, err_msg=key)
+    numel = dense_state["params"].size
+    # Two clients a rank, each sending 10 %: at most 20 % of the coordinates, 8 bytes each.
+    assert np.all(sparse["comm/payload_bytes"] <= 8 * 0.2 * numel + 32 + 16)
+    assert np.all(dense["comm/payload_bytes"] == 4 * (numel + 4))
+
+
+@pytest.mark.parametrize(
+    ("value", "compress", "message"),
+    [
+        ("fast", "topk:0.1", "FEDMPI_WIRE=fast: expected one of auto, dense, sparse"),
+        ("sparse", "int8", "FEDMPI_WIRE=sparse needs --compress topk:F or randk:F"),
+    ],
+)
+def test_a_bad_wire_is_one_line_and_exit_2(
+    value, compress, message, tiny_bert, toy_dataset, tmp_path
+):
+    result = run_mpi(
+        2,
+        job(tiny_bert, toy_dataset, tmp_path / "out", "--compress", compress),
+        env={"FEDMPI_WIRE": value},
+        timeout=120,
+    )
+    assert result.returncode == 2, result.output[-2000:]
+    errors = [line for line in result.output.splitlines() if "error" in line]
+    assert errors == [f"fedmpi: error: {message}"], errors

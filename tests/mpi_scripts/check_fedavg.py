@@ -5,7 +5,9 @@ client's parameters are a seeded perturbation of one tiny BERT. Every rank check
 global model against float64 numpy arithmetic done independently of fedmpi. Then one
 client per rank, reduced in the parameters' own storage (what train.py does with one client
 a rank), with slice sizes that put the tail in a slice of its own, across two slices, or
-among many: the same bits as a separate payload, and the same reference.
+among many: the same bits as a separate payload, and the same reference. Last, the sparse
+wire (fedmpi.sparse_wire) with sparse client updates, against the same reference and the
+dense payload, with a fixed denominator too (DP's), and the bytes it says it sent.
 """
 
 import sys
@@ -23,6 +25,7 @@ from fedmpi.comm import World, abort_on_error  # noqa: E402
 from fedmpi.flat import FlatParameters
 from fedmpi.partition import assign_clients
 from fedmpi.server import ServerHyper, ServerOptimizer
+from fedmpi.sparse_wire import SparseAllgather
 
 SIZES = [3, 10, 1, 7, 4]  # uneven shards: weights must follow them
 
@@ -66,6 +69,50 @@ def check_in_place(world: World, model: torch.nn.Module) -> None:
             assert flat.is_intact()
 
 
+def sparse_params(base: np.ndarray, client: int) -> np.ndarray:
+    """The base with about 5 % of its coordinates moved, a different draw per client."""
+    rng = np.random.default_rng(100 + client)
+    moved = rng.random(base.shape) < 0.05
+    return base + np.where(moved, rng.standard_normal(base.shape), 0).astype(np.float32)
+
+
+def check_sparse(world: World, model: torch.nn.Module) -> None:
+    """The sparse wire against the float64 reference and the dense payload: every client,
+    a cohort of two, a client dropped; then DP's fixed denominator (no rescale)."""
+    flat = FlatParameters(model)
+    base = flat.buffer.numpy().copy()
+    start = torch.from_numpy(base.copy())
+    sparse = SparseAllgather(world, start)
+    dense = WeightedAllreduce(world, flat.numel, "cpu")
+    mine = assign_clients(SIZES, world.size)[world.rank]
+    everyone = range(len(SIZES))
+    cases = ((everyone, (), True), ((1, 3), (), True), (everyone, (2,), True))
+    cases += ((everyone, (2,), False),)  # a fixed denominator: the missing weight stays out
+    for cohort, dropped, rescale in cases:
+        denominator = sum(SIZES[k] for k in cohort)
+        results = []
+        for aggregator in (sparse, dense):
+            aggregator.begin_round(denominator, rescale=rescale)
+            sent = 0
+            for client in (k for k in mine if k in cohort and k not in dropped):
+                flat.buffer.copy_(torch.from_numpy(sparse_params(base, client)))
+                aggregator.add(flat.buffer, SIZES[client], 100.0 + client, SIZES[client])
+                sent |= sparse_params(base, client) != base
+            totals = aggregator.allreduce()
+            results.append(totals.average.clone().numpy().astype(np.float64))
+        arrived = [k for k in cohort if k not in dropped]
+        weight = sum(SIZES[k] for k in arrived)
+        assert totals.weight == weight and totals.loss_sum == sum(100.0 + k for k in arrived)
+        total = weight if rescale else denominator
+        expected = (
+            sum(SIZES[k] * sparse_params(base, k).astype(np.float64) for k in arrived) / total
+        )
+        assert np.allclose(results[0], expected, rtol=1e-6, atol=1e-6), "sparse != reference"
+        assert np.allclose(results[0], results[1], rtol=1e-6, atol=1e-6), "sparse != dense"
+        moved = int(np.count_nonzero(sent)) if mine else 0
+        assert sparse.nbytes == 8 * moved + 8 * len(TAIL), (sparse.nbytes, moved)
+
+
 def main() -> None:
     world = World.from_comm()
     with abort_on_error(world):
@@ -106,6 +153,7 @@ def main() -> None:
             assert np.array_equal(first, got[: first.size].astype(np.float32))
             assert flat.is_intact()
         check_in_place(world, model)
+        check_sparse(world, model)
         if world.rank == 0:
             print(f"FEDAVG OK np={world.size} params={flat.numel} max_abs_error={error:.3g}")
 
