@@ -27,16 +27,13 @@ Prints a markdown table and writes it with the raw numbers (JSON) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from runjob import DEFAULT_MPIEXEC, run_fedmpi
+from runjob import DEFAULT_MPIEXEC, run_fedmpi, save_table
 
 TRAIN_SAMPLES, BATCH = 1600, 8
 SHAPES = {"few": 2, "many": 200}  # clients; 1,600 examples -> 100 steps or 1 step each
@@ -116,13 +113,7 @@ def main() -> None:
             f"{cell(ratios, '.2f')}x | {cell(per_switch, '.0f')} | "
             f"{cell(cpu_few, '.0f')} / {cell(cpu_many, '.0f')} | {cell(cpu_switch, '.0f')} |"
         )
-    table = "\n".join(lines)
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "clients.md").write_text(table + "\n")
-    (args.out / "clients.json").write_text(
-        json.dumps({"argv": sys.argv, "time": time.ctime(), "runs": runs}, indent=1)
-    )
+    save_table(args.out, "clients", "\n".join(lines), {"runs": runs})
 
 
 def cell(values: list[float], fmt: str) -> str:

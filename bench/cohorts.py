@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from runjob import DEFAULT_MPIEXEC, run_fedmpi
+from runjob import DEFAULT_MPIEXEC, run_fedmpi, save_table
 
 BATCH = 8  # one local step per client
 
@@ -80,13 +78,7 @@ def main() -> None:
             f"| {'full' if cell['peft'] == 'none' else 'LoRA'} | {cell['clients']} | "
             f"{cell['round_s']:.1f} | {cell['train_s']:.1f} | {per_client:.0f} |"
         )
-    table = "\n".join(lines)
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cohorts.md").write_text(table + "\n")
-    (args.out / "cohorts.json").write_text(
-        json.dumps({"argv": sys.argv, "time": time.ctime(), "cells": cells}, indent=1)
-    )
+    save_table(args.out, "cohorts", "\n".join(lines), {"cells": cells})
     draw(cells, args.np, args.figure)
 
 

@@ -3,6 +3,7 @@ real job (``python -m fedmpi``) with its per-round timings read back from result
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -103,3 +104,13 @@ def run_with_pss(command: list[str]) -> tuple[str, PssSampler]:
     if proc.returncode:
         raise SystemExit(f"job failed ({proc.returncode}): {' '.join(command)}\n{log[-2000:]}")
     return log, sampler
+
+
+def save_table(out: Path, name: str, table: str, raw: dict) -> None:
+    """Print a benchmark's markdown table and keep it, with its raw numbers and how it was
+    run, as OUT/NAME.md and OUT/NAME.json."""
+    print("\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table + "\n")
+    record = {"argv": sys.argv, "time": time.ctime(), **raw}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))

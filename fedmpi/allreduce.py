@@ -53,7 +53,53 @@ class RoundTotals:
     stop_votes: float  # ranks that were asked to stop (preemption)
 
 
-class WeightedAllreduce:
+class RoundSums:
+    """What every aggregation keeps beside the model: the round's denominator, and the
+    sums that travel with it (weight, training loss, examples, stop votes), in float64
+    on the host. ``totals`` turns the summed tail into RoundTotals, rescaling the average
+    when weight went missing."""
+
+    def __init__(self) -> None:
+        self.tail = np.zeros(len(TAIL), dtype=np.float64)
+        self.denominator = 1.0
+        self.rescale = True
+
+    def begin_round(self, denominator: float, rescale: bool = True) -> None:
+        """Start a round whose contributions are divided by ``denominator`` (the cohort's
+        total weight). ``rescale=False`` keeps that denominator even when less weight
+        arrives (DP-FedAvg's fixed denominator)."""
+        if not denominator > 0:
+            raise ValueError(f"the round's denominator must be positive, got {denominator}")
+        self.tail[:] = 0.0
+        self.denominator = float(denominator)
+        self.rescale = rescale
+
+    def count(self, weight: float, loss_sum: float, examples: float) -> None:
+        self.tail[TAIL.index("weight")] += weight
+        self.tail[TAIL.index("loss_sum")] += loss_sum
+        self.tail[TAIL.index("examples")] += examples
+
+    def vote_stop(self) -> None:
+        """This rank was asked to stop: every rank learns it from the aggregation."""
+        self.tail[TAIL.index("stop_votes")] += 1
+
+    def totals(self, average: torch.Tensor, summed_tail) -> RoundTotals:
+        """``average`` (the weighted sum over ``denominator``) rescaled to the weight that
+        arrived where that is asked for, with the summed tail."""
+        sums = dict(zip(TAIL, [float(v) for v in summed_tail], strict=True))
+        weight = sums["weight"]
+        if self.rescale and weight > 0 and abs(weight - self.denominator) > 1e-6 * weight:
+            average.mul_(self.denominator / weight)  # a client dropped out: average what came
+        return RoundTotals(
+            average=average,
+            weight=weight,
+            loss_sum=sums["loss_sum"],
+            examples=sums["examples"],
+            stop_votes=sums["stop_votes"],
+        )
+
+
+class WeightedAllreduce(RoundSums):
     """The round's aggregation buffer: accumulate clients locally, then reduce once.
 
     On CPU the payload goes to MPI as a zero-copy numpy view. On GPU it is staged through
@@ -71,6 +117,7 @@ class WeightedAllreduce:
     ):
         """``staged``: reduce through a host copy (default: on GPU unless CUDA-aware).
         ``in_place``: the parameters' storage to reduce in (see ``reduces_in_place``)."""
+        super().__init__()
         self.world = world
         self.numel = numel
         size = numel + len(TAIL)
@@ -86,11 +133,7 @@ class WeightedAllreduce:
             host = torch.empty_like(self.payload, device="cpu")
             # Pinned memory makes the device<->host copies DMA at full speed.
             self.host = host.pin_memory() if torch.cuda.is_available() else host
-        # Tail sums are kept on the host in float64 and travel in the payload's fp32 tail
-        # (counts stay exact below 2**24 per round).
-        self.tail = np.zeros(len(TAIL), dtype=np.float64)
-        self.denominator = 1.0
-        self.rescale = True
+        # The tail sums travel in the payload's fp32 tail (counts exact below 2**24 a round).
         self.clients = 0
         self.pending_scale = 1.0  # in place: w_k / W, applied slice by slice in allreduce()
 
@@ -100,15 +143,8 @@ class WeightedAllreduce:
         return self.payload.numel() * self.payload.element_size()
 
     def begin_round(self, denominator: float, rescale: bool = True) -> None:
-        """Start a round whose contributions are divided by ``denominator`` (the cohort's
-        total weight). ``rescale=False`` keeps that denominator even when less weight
-        arrives (DP-FedAvg's fixed denominator). The payload is overwritten by the first
-        ``add``."""
-        if not denominator > 0:
-            raise ValueError(f"the round's denominator must be positive, got {denominator}")
-        self.tail[:] = 0.0
-        self.denominator = float(denominator)
-        self.rescale = rescale
+        """RoundSums.begin_round; the payload is overwritten by the first ``add``."""
+        super().begin_round(denominator, rescale)
         self.clients = 0
         self.pending_scale = 1.0
 
@@ -128,13 +164,7 @@ class WeightedAllreduce:
         else:
             head.add_(params, alpha=scale)
         self.clients += 1
-        self.tail[TAIL.index("weight")] += weight
-        self.tail[TAIL.index("loss_sum")] += loss_sum
-        self.tail[TAIL.index("examples")] += examples
-
-    def vote_stop(self) -> None:
-        """This rank was asked to stop: every rank learns it from the Allreduce."""
-        self.tail[TAIL.index("stop_votes")] += 1
+        self.count(weight, loss_sum, examples)
 
     def allreduce(self) -> RoundTotals:
         """Sum over all ranks; the head is then the weighted average."""
@@ -155,17 +185,7 @@ class WeightedAllreduce:
             if on_gpu:
                 torch.cuda.current_stream().synchronize()
             self._reduce(self.payload, scale)
-        sums = dict(zip(TAIL, self.payload[self.numel :].cpu().numpy().tolist(), strict=True))
-        weight = float(sums["weight"])
-        if self.rescale and weight > 0 and abs(weight - self.denominator) > 1e-6 * weight:
-            head.mul_(self.denominator / weight)  # a client dropped out: average what came
-        return RoundTotals(
-            average=head,
-            weight=weight,
-            loss_sum=float(sums["loss_sum"]),
-            examples=float(sums["examples"]),
-            stop_votes=float(sums["stop_votes"]),
-        )
+        return self.totals(head, self.payload[self.numel :].cpu().numpy().tolist())
 
     def _reduce(self, buffer: torch.Tensor, scale: float = 1.0) -> None:
         """In-place SUM in fixed slices of CHUNK_BYTES; with ``scale`` (the in-place

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from fedmpi.allreduce import TAIL, RoundTotals
+from fedmpi.allreduce import TAIL, RoundSums, RoundTotals
 from fedmpi.comm import World
 from fedmpi.errors import UsageError
 
@@ -68,20 +68,18 @@ def wire_choice(
     return "sparse" if clients_per_rank * fraction * world.size < 1 else "dense"
 
 
-class SparseAllgather:
+class SparseAllgather(RoundSums):
     """The round's aggregation over a sparse wire (see the module's docstring)."""
 
     def __init__(self, world: World, start: torch.Tensor) -> None:
         """``start``: the round's global model, which FederatedRound refreshes each round."""
+        super().__init__()
         self.world, self.start = world, start
         self.numel = start.numel()
         self.sum = torch.zeros_like(start)  # sum_k (w_k / W) (theta_k - start), this rank
         self.moved = torch.zeros(self.numel, dtype=torch.bool, device=start.device)
         self.scratch = torch.empty(min(CHUNK, self.numel), dtype=start.dtype, device=start.device)
         self.head = torch.empty_like(start)
-        self.tail = np.zeros(len(TAIL), dtype=np.float64)
-        self.denominator = 1.0
-        self.rescale = True
         self.sent_bytes = 0
 
     @property
@@ -90,10 +88,7 @@ class SparseAllgather:
         return self.sent_bytes
 
     def begin_round(self, denominator: float, rescale: bool = True) -> None:
-        if not denominator > 0:
-            raise ValueError(f"the round's denominator must be positive, got {denominator}")
-        self.tail[:] = 0.0
-        self.denominator, self.rescale = float(denominator), rescale
+        super().begin_round(denominator, rescale)
         self.sum.zero_()
         self.moved.zero_()
 
@@ -106,12 +101,7 @@ class SparseAllgather:
             torch.sub(params[lo:hi], self.start[lo:hi], out=update)
             self.moved[lo:hi] |= update != 0
             self.sum[lo:hi].add_(update, alpha=scale)
-        self.tail[TAIL.index("weight")] += weight
-        self.tail[TAIL.index("loss_sum")] += loss_sum
-        self.tail[TAIL.index("examples")] += examples
-
-    def vote_stop(self) -> None:
-        self.tail[TAIL.index("stop_votes")] += 1
+        self.count(weight, loss_sum, examples)
 
     def allreduce(self) -> RoundTotals:
         """Every rank's moved coordinates and values to every rank, summed in rank order."""
@@ -128,20 +118,10 @@ class SparseAllgather:
         sums = self.tail.copy()
         comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         self.sent_bytes = index.nbytes + values.nbytes + sums.nbytes
-        total = dict(zip(TAIL, sums.tolist(), strict=True))
-        weight = float(total["weight"])
         head = self.head
-        torch.mul(self.start, weight / self.denominator, out=head)
+        torch.mul(self.start, sums[TAIL.index("weight")] / self.denominator, out=head)
         device = head.device
         for lo, n in zip(offsets.tolist(), counts.tolist(), strict=True):  # rank order
             rows = torch.from_numpy(all_index[lo : lo + n]).to(device, torch.int64)
             head.index_add_(0, rows, torch.from_numpy(all_values[lo : lo + n]).to(device))
-        if self.rescale and weight > 0 and abs(weight - self.denominator) > 1e-6 * weight:
-            head.mul_(self.denominator / weight)  # a client dropped out: average what came
-        return RoundTotals(
-            average=head,
-            weight=weight,
-            loss_sum=float(total["loss_sum"]),
-            examples=float(total["examples"]),
-            stop_votes=float(total["stop_votes"]),
-        )
+        return self.totals(head, sums)
