@@ -58,7 +58,7 @@ def test_the_privacy_study_noise_levels_are_the_calibrated_ones():
     from pathlib import Path
 
     script = (Path(__file__).parent.parent / "jobs" / "local_study.sh").read_text()
-    levels = dict(re.findall(r'"(\d+) (0\.\d+)"', script))
+    levels = dict(re.findall(r'\[eps(\d+)\]="\$dp --dp-noise (0\.\d+)"', script))
     assert set(levels) == {"1", "3", "8"}
     z = noise_for_epsilon(8.0, 1000 / 100000, 10, 1 / 100000**1.1)
     assert float(levels["8"]) == pytest.approx(z, rel=2e-3)
