@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDIES = [
     ("study/runs", "study/report"),
     ("study/v1/runs", "study/v1/report"),
+    ("study/compression/runs", "study/compression/report"),
     ("study/pilot/runs", "study/pilot/report"),
     ("study/privacy/runs", "study/privacy/report"),
 ]
