@@ -63,12 +63,12 @@ source jobs/common.sh
 # every, training examples, test examples, the flags every run of the preset gets.
 encoder="--local-epochs 1 --diagnostics norms"
 # Client-level DP-FedAvg with LoRA on clients that are movies (docs/privacy.md): cohorts
-# of 40 of ~400 clients, simulated as cohorts of 1,000 of 100,000 for the noise and the
+# of 20 of 400 clients, simulated as cohorts of 1,000 of 100,000 for the noise and the
 # accountant; each DP level's --dp-noise spends epsilon 1, 3 or 8 at delta 1 / 100000^1.1
 # after 10 rounds (python -m fedmpi.calibrate --epsilon 1 3 8 --rounds 10 --cohort 1000
 # --population 100000). Clip 2.8: the median client update norm of study v1's no-noise runs.
-private="--partition by:movie_name --clients-per-round 40 --weighting uniform --peft lora"
-private+=" --local-epochs 2 --eval-clients --diagnostics off"
+private="--partition by:movie_name --clients-per-round 20 --weighting uniform --peft lora"
+private+=" --local-epochs 2 --diagnostics off"
 dp="--dp-clip 2.8 --dp-noise-cohort 1000 --dp-population 100000 --dp-noise-seed {seed}"
 declare -A level_flags=(
     [none]="--dp-clip inf --dp-noise 0" [clip]="--dp-clip 2.8 --dp-noise 0"
