@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedmpi-installed
 
 STUDY_STAMP := $(VENV)/.fedmpi-study-installed
 
-.PHONY: install study-install run test test-fast lint bench study study-pilot study-compression study-privacy study-privacy-pilot privacy report clean
+.PHONY: install study-install run test test-fast lint bench study study-pilot study-compression study-privacy study-privacy-pilot report clean
 
 install: $(STAMP)
 
@@ -57,18 +57,13 @@ study-pilot: install
 study-compression: install
 	STUDY=compression FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
 
-## Privacy study v2 (docs/privacy.md: 24 runs, about 3 h on 2 cores; resumable), after
-## its pilot (12 runs) has chosen the server optimizer per privacy level.
+## The privacy study of docs/privacy.md (24 runs, about 1 h on 2 cores; resumable), after
+## its pilot (12 runs, about 30 min) has chosen the server optimizer per privacy level.
 study-privacy: install
 	STUDY=privacy FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
 
 study-privacy-pilot: install
 	STUDY=privacy-pilot FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
-
-## The privacy-utility runs committed under study/privacy/ (8 runs, about 1 h on 2 cores;
-## resumable), then their report.
-privacy: install
-	FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/privacy_utility.sh
 
 ## Regenerate the committed studies' reports from their results files.
 report: install
@@ -77,6 +72,8 @@ report: install
 	$(PY) -m fedmpi.report study/v1/runs --output study/v1/report
 	$(PY) -m fedmpi.report study/compression/runs --output study/compression/report
 	$(PY) -m fedmpi.report study/privacy/runs --output study/privacy/report
+	$(PY) -m fedmpi.report study/privacy/pilot/runs --output study/privacy/pilot/report
+	$(PY) -m fedmpi.report study/privacy/v1/runs --output study/privacy/v1/report
 
 bench: install
 	$(PY) bench/round_overhead.py --mpiexec $(MPIEXEC)

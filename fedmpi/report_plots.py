@@ -18,9 +18,11 @@ questions:
   leave-one-out cosine of client updates: is an arm slow because its global steps are
   small (the average of K shorter local trajectories), or because client updates disagree?
 * ``privacy_<model>_<dataset>.png`` (DP runs, ``privacy/epsilon``): final test accuracy
-  against the epsilon spent, one point per configuration, with the clients' own accuracy
-  (``--eval-clients``: mean, the bar one standard deviation across clients, the triangle
-  the 10th percentile): what does a privacy budget cost, and whom?
+  against the epsilon spent, one line per DP variant (LoRA with A frozen or trained), the
+  arms without noise (no DP, clipping only) as horizontal bands, and with
+  ``--eval-clients`` the clients' own accuracy (mean, the bar one standard deviation
+  across clients, the triangle the 10th percentile): what does a privacy budget cost,
+  and whom?
 * ``compression_<model>_<dataset>.png`` (where a run compressed its updates,
   ``--compress``): final test accuracy against the megabytes one client uploads a round
   (log axis), one point per configuration: what does a smaller upload cost in accuracy?
@@ -31,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from itertools import cycle
 from pathlib import Path
 
 import matplotlib
@@ -158,26 +161,41 @@ def diagnostics(groups: list[Group], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _epsilon(group: Group) -> float:
+    return group.stat(lambda r: r.final_epsilon)[0]
+
+
+def _dp_series(group: Group) -> str:
+    """What a DP point is besides its noise: LoRA with A frozen or trained, else DP."""
+    config = group.first.config
+    if config.get("peft") != "lora":
+        return "DP"
+    return "DP, LoRA, A frozen" if config.get("lora_freeze_a") else "DP, LoRA, A trained"
+
+
 def privacy_utility(groups: list[Group], path: Path) -> Path:
-    """One model x dataset: final accuracy vs final epsilon; runs without noise (infinite
-    epsilon) are a horizontal line."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    finite = sorted(
-        (g for g in groups if math.isfinite(g.stat(lambda r: r.final_epsilon)[0])),
-        key=lambda g: g.stat(lambda r: r.final_epsilon)[0],
-    )
-    if finite:
-        eps = [g.stat(lambda r: r.final_epsilon)[0] for g in finite]
-        acc = [g.stat(lambda r: r.final_accuracy) for g in finite]
+    """One model x dataset: final accuracy (mean, 95 % interval) against final epsilon,
+    one line per DP variant (LoRA with A frozen or trained); the arms without noise
+    (infinite epsilon: no DP, or clipping only) are horizontal lines with their interval
+    as a band."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finite = sorted((g for g in groups if math.isfinite(_epsilon(g))), key=_epsilon)
+    series: dict[str, list[Group]] = defaultdict(list)
+    for group in finite:
+        series[_dp_series(group)].append(group)
+    shifts = np.linspace(0.96, 1.04, len(series)) if len(series) > 1 else [1.0]
+    for (name, members), shift in zip(sorted(series.items()), shifts, strict=True):
+        eps = [_epsilon(g) * shift for g in members]  # apart, so the bars do not overlap
+        acc = [g.stat(lambda r: r.final_accuracy) for g in members]
         ax.errorbar(
             eps,
             [m for m, _ in acc],
             yerr=[0.0 if math.isnan(h) else h for _, h in acc],
             marker="o",
             capsize=3,
-            label="global test set",
+            label=f"{name} (n={min(len(g.runs) for g in members)})",
         )
-        spreads = [g.first.final_client_spread() for g in finite]
+        spreads = [g.first.final_client_spread() for g in members]
         if all(spreads):
             ax.errorbar(
                 eps,
@@ -186,28 +204,27 @@ def privacy_utility(groups: list[Group], path: Path) -> Path:
                 marker="s",
                 linestyle=":",
                 capsize=3,
-                label="clients' own test sets (mean, sd)",
+                label=f"{name}: clients' own test sets (mean, sd)",
             )
             ax.scatter(eps, [s["p10"] for s in spreads], marker="v", label="clients, 10th pct")
+    if finite:
         ax.set_xscale("log")
-    for group in groups:
-        if not math.isfinite(group.stat(lambda r: r.final_epsilon)[0]):
-            mean, _ = group.stat(lambda r: r.final_accuracy)
-            ax.axhline(mean, color="green", linestyle="-.", label="no noise (epsilon = inf)")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    unbounded = [g for g in groups if not math.isfinite(_epsilon(g))]
+    for group, color in zip(unbounded, cycle(("green", "purple", "brown")), strict=False):
+        mean, half = group.stat(lambda r: r.final_accuracy)
+        clip = group.first.config.get("dp_clip")
+        clipped = clip is not None and math.isfinite(float(clip))
+        name = f"clipping only (C = {float(clip):g})" if clipped else "no DP"
+        ax.axhline(mean, color=color, linestyle="-.", label=f"{name} (n={len(group.runs)})")
+        if not math.isnan(half):
+            ax.axhspan(mean - half, mean + half, color=color, alpha=0.1)
     _majority(ax, groups)
     run = groups[0].first
-    simulated = [g for g in finite if any(r.dp_simulated for r in g.runs)]
-    for group in simulated:  # the epsilon of a deployment the run simulated
-        ax.annotate(
-            "simulated",
-            (group.stat(lambda r: r.final_epsilon)[0], group.stat(lambda r: r.final_accuracy)[0]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize="x-small",
-        )
-    xlabel = "epsilon (simulated: --dp-noise-cohort)" if simulated else "epsilon"
+    simulated = any(r.dp_simulated for g in finite for r in g.runs)
+    xlabel = "epsilon (of the simulated deployment: --dp-noise-cohort)" if simulated else "epsilon"
     ax.set(xlabel=xlabel, ylabel="final test accuracy", title=f"{run.model} on {run.dataset}")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small")
     return _save(fig, path)
 
 

@@ -9,8 +9,8 @@
 #   jobs/local_study.sh                          # 4 arms x 5 seeds = 20 runs, ~2 h on 2 cores
 #   STUDY=pilot jobs/local_study.sh              # the learning-rate pilot (study/pilot)
 #   STUDY=compression jobs/local_study.sh        # 6 update codecs x 3 seeds (study/compression)
-#   STUDY=privacy-pilot jobs/local_study.sh      # its server optimizers (12 runs, seed 0)
-#   STUDY=privacy jobs/local_study.sh            # 8 DP arms x 3 seeds (study/privacy-v2)
+#   STUDY=privacy-pilot jobs/local_study.sh      # its server optimizers (11 runs, seed 0)
+#   STUDY=privacy jobs/local_study.sh            # 8 DP arms x 3 seeds (study/privacy)
 #   FEDMPI_STUDY_DRY_RUN=1 jobs/local_study.sh   # print the commands only
 #   SEEDS=1 ARMS="1x8 16x8" jobs/local_study.sh  # a slice of it
 #
@@ -41,9 +41,9 @@
 #     privacy: LoRA DP-FedAvg over clients that are movies (see below), ARMS 400x8, LRS
 #       3e-3, SEEDS "1 2 3", ROUNDS 10, TRAIN_SAMPLES all, TEST_SAMPLES 500, EVAL_EVERY 5;
 #       VARIANTS no DP, clipping only, and epsilon 1, 3, 8 each with frozen-A and plain
-#       LoRA (--dp-noise-seed = the seed); OUT_ROOT study/privacy-v2/runs
-#     privacy-pilot: SEEDS 0, no DP and epsilon 1, 3, 8 (frozen-A), each with three
-#       server optimizers; OUT_ROOT study/privacy-v2/pilot/runs
+#       LoRA (--dp-noise-seed = the seed); OUT_ROOT study/privacy/runs
+#     privacy-pilot: SEEDS 0, five server optimizers without noise, then the best two
+#       of them at epsilon 1, 3, 8 (frozen-A); OUT_ROOT study/privacy/pilot/runs
 #   JOBS [2]: runs at once, each one MPI rank with one torch thread (results do not depend
 #     on -np: tests/test_algorithms_mpi.py)
 #   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-b<B>-lr<LR>[-NAME]-s<seed>
@@ -74,14 +74,19 @@ declare -A level_flags=(
     [none]="--dp-clip inf --dp-noise 0" [clip]="--dp-clip 2.8 --dp-noise 0"
     [eps1]="$dp --dp-noise 0.8291" [eps3]="$dp --dp-noise 0.603" [eps8]="$dp --dp-noise 0.4089"
 )
-# The server optimizers STUDY=privacy-pilot tries at each level, and the one the main
-# privacy study uses there: the pilot's best validation accuracy at that level (clip takes
-# none's). Until the pilot has run, study v1's server momentum 0.9 everywhere.
+# The server optimizers STUDY=privacy-pilot tries, in two stages (docs/privacy.md): all
+# five without noise, then the two best of those (on validation) at each DP level. The
+# main privacy study uses, at each level, the pilot's best validation accuracy there
+# (clipping only takes no DP's). FedAdam was added after the first three learned nothing
+# in 10 rounds without noise.
 declare -A servers=(
     [avgm]="--server-opt avgm --server-momentum 0.9"
     [avgm-half]="--server-opt avgm --server-momentum 0.9 --server-lr 0.5"
     [fedavg]="--server-opt fedavg"
+    [adam1e-2]="--server-opt adam --server-lr 1e-2"
+    [adam3e-2]="--server-opt adam --server-lr 3e-2"
 )
+pilot_dp_servers="adam1e-2 adam3e-2"
 declare -A server_of=([none]=avgm [clip]=avgm [eps1]=avgm [eps3]=avgm [eps8]=avgm)
 privacy_arms=""
 for level in none clip eps1 eps3 eps8; do
@@ -93,11 +98,12 @@ for level in none clip eps1 eps3 eps8; do
     fi
 done
 privacy_pilot_arms=""
-for level in none eps1 eps3 eps8; do
-    freeze=""
-    [[ "$level" == eps* ]] && freeze=" --lora-freeze-a"
-    for server in avgm avgm-half fedavg; do
-        privacy_pilot_arms+=";$level-$server:${level_flags[$level]} ${servers[$server]}$freeze"
+for server in avgm avgm-half fedavg adam1e-2 adam3e-2; do
+    privacy_pilot_arms+=";none-$server:${level_flags[none]} ${servers[$server]}"
+done
+for level in eps1 eps3 eps8; do
+    for server in $pilot_dp_servers; do
+        privacy_pilot_arms+=";$level-$server:${level_flags[$level]} ${servers[$server]} --lora-freeze-a"
     done
 done
 case "${STUDY:-main}" in
@@ -109,11 +115,11 @@ compression)
         5 640 1000 "$encoder")
     ;;
 privacy)
-    defaults=("1 2 3" 3e-3 10 study/privacy-v2/runs study/privacy-v2/report 400x8
+    defaults=("1 2 3" 3e-3 10 study/privacy/runs study/privacy/report 400x8
         "${privacy_arms#;}" 5 all 500 "$private")
     ;;
 privacy-pilot)
-    defaults=(0 3e-3 10 study/privacy-v2/pilot/runs study/privacy-v2/pilot/report 400x8
+    defaults=(0 3e-3 10 study/privacy/pilot/runs study/privacy/pilot/report 400x8
         "${privacy_pilot_arms#;}" 5 all 500 "$private")
     ;;
 *)

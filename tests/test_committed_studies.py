@@ -15,7 +15,7 @@ STUDIES = [
     ("study/v1/runs", "study/v1/report"),
     ("study/compression/runs", "study/compression/report"),
     ("study/pilot/runs", "study/pilot/report"),
-    ("study/privacy/runs", "study/privacy/report"),
+    ("study/privacy/v1/runs", "study/privacy/v1/report"),
 ]
 
 

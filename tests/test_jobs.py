@@ -385,7 +385,7 @@ def test_local_study_commands():
         f"eps{e}-{v}" for e in (1, 3, 8) for v in ("frozen-a", "lora")
     }
     assert all(seeds == {"1", "2", "3"} for seeds in arms.values())
-    assert report[-1] == "study/privacy-v2/report"
+    assert report[-1] == "study/privacy/report"
 
     wrong = bash("bash jobs/local_study.sh", env={"FEDMPI_STUDY_DRY_RUN": "1", "STUDY": "x"})
     assert wrong.returncode == 2 and "STUDY must be" in wrong.stderr

@@ -115,7 +115,7 @@ def dp_after(cfg: Config, participants: int, rounds: int) -> ClientLevelDP:
 
 
 def study_config(noise: float) -> Config:
-    """The committed privacy study's DP settings (jobs/privacy_utility.sh)."""
+    """The DP settings of privacy study v1 (study/privacy/v1)."""
     return Config(
         clients=400, clients_per_round=40, dp_clip=2.8, dp_noise=noise, weighting="uniform"
     )
@@ -127,7 +127,7 @@ def test_epsilon_of_the_committed_study_is_the_tight_one(noise, issue_prv):
     in the independent bracket (opacus's PRV bound adds its own error of 0.01), agrees with
     the numbers of issue 22 (253 / 24.6 / 1.61), and the RDP epsilon beside it is what the
     committed results files report."""
-    (committed,) = ROOT.glob(f"study/privacy/runs/*-dp-z{noise}-s1/results.h5")
+    (committed,) = ROOT.glob(f"study/privacy/v1/runs/*-dp-z{noise}-s1/results.h5")
     results = read_results(committed)
     rounds = results["config"]["rounds"]
     assert rounds == 12 and results["attrs"]["dp_sample_rate"] == 0.1
