@@ -86,8 +86,8 @@ declare -A servers=(
     [adam1e-2]="--server-opt adam --server-lr 1e-2"
     [adam3e-2]="--server-opt adam --server-lr 3e-2"
 )
-pilot_dp_servers="adam1e-2 adam3e-2"
-declare -A server_of=([none]=avgm [clip]=avgm [eps1]=avgm [eps3]=avgm [eps8]=avgm)
+pilot_dp_servers="adam1e-2 fedavg"  # stage 1: validation 0.673, 0.647 (next 0.600)
+declare -A server_of=([none]=adam1e-2 [clip]=adam1e-2 [eps1]=adam1e-2 [eps3]=adam1e-2 [eps8]=adam1e-2)
 privacy_arms=""
 for level in none clip eps1 eps3 eps8; do
     flags="${level_flags[$level]} ${servers[${server_of[$level]}]}"
