@@ -9,7 +9,7 @@
 #   jobs/local_study.sh                          # 4 arms x 5 seeds = 20 runs, ~2 h on 2 cores
 #   STUDY=pilot jobs/local_study.sh              # the learning-rate pilot (study/pilot)
 #   STUDY=compression jobs/local_study.sh        # 6 update codecs x 3 seeds (study/compression)
-#   STUDY=privacy-pilot jobs/local_study.sh      # its server optimizers (11 runs, seed 0)
+#   STUDY=privacy-pilot jobs/local_study.sh      # its server optimizers (8 runs, seed 0)
 #   STUDY=privacy jobs/local_study.sh            # 8 DP arms x 3 seeds (study/privacy)
 #   FEDMPI_STUDY_DRY_RUN=1 jobs/local_study.sh   # print the commands only
 #   SEEDS=1 ARMS="1x8 16x8" jobs/local_study.sh  # a slice of it
@@ -38,12 +38,12 @@
 #     compression: ARMS 8x8, SEEDS "1 2 3", ROUNDS 15, EVAL_EVERY 5, VARIANTS none, bf16,
 #       int8, int4, top-k 1 % with and without --error-feedback, OUT_ROOT
 #       study/compression/runs, REPORT study/compression/report
-#     privacy: LoRA DP-FedAvg over clients that are movies (see below), ARMS 400x8, LRS
+#     privacy: LoRA DP-FedAvg over clients that hold movies (see below), ARMS 100x8, LRS
 #       3e-3, SEEDS "1 2 3", ROUNDS 10, TRAIN_SAMPLES all, TEST_SAMPLES 500, EVAL_EVERY 5;
 #       VARIANTS no DP, clipping only, and epsilon 1, 3, 8 each with frozen-A and plain
 #       LoRA (--dp-noise-seed = the seed); OUT_ROOT study/privacy/runs
-#     privacy-pilot: SEEDS 0, five server optimizers without noise, then the best two
-#       of them at epsilon 1, 3, 8 (frozen-A); OUT_ROOT study/privacy/pilot/runs
+#     privacy-pilot: SEEDS 0, two server optimizers without noise and at epsilon 1, 3,
+#       8 (frozen-A); OUT_ROOT study/privacy/pilot/runs
 #   JOBS [2]: runs at once, each one MPI rank with one torch thread (results do not depend
 #     on -np: tests/test_algorithms_mpi.py)
 #   OUT_ROOT [study/runs]: each run writes OUT_ROOT/<model>-<task>-<K>c-b<B>-lr<LR>[-NAME]-s<seed>
@@ -62,32 +62,26 @@ source jobs/common.sh
 # Defaults by preset: seeds, learning rates, rounds, output, report, arms, variants, eval
 # every, training examples, test examples, the flags every run of the preset gets.
 encoder="--local-epochs 1 --diagnostics norms"
-# Client-level DP-FedAvg with LoRA on clients that are movies (docs/privacy.md): cohorts
-# of 20 of 400 clients, simulated as cohorts of 1,000 of 100,000 for the noise and the
-# accountant; each DP level's --dp-noise spends epsilon 1, 3 or 8 at delta 1 / 100000^1.1
-# after 10 rounds (python -m fedmpi.calibrate --epsilon 1 3 8 --rounds 10 --cohort 1000
-# --population 100000). Clip 2.8: the median client update norm of study v1's no-noise runs.
-private="--partition by:movie_name --clients-per-round 20 --weighting uniform --peft lora"
+# Client-level DP-FedAvg with LoRA on clients that hold movies (docs/privacy.md): 100
+# clients of about 100 reviews (the reviews of about 4 movies each), Poisson cohorts of 5,
+# simulated as cohorts of 1,000 of 100,000 for the noise and the accountant; each DP
+# level's --dp-noise spends epsilon 1, 3 or 8 at delta 1 / 100000^1.1 after 10 rounds
+# (python -m fedmpi.calibrate --epsilon 1 3 8 --rounds 10 --cohort 1000 --population
+# 100000). Clip 4.6: the median client update norm of the pilot's chosen no-noise run.
+private="--partition by:movie_name --clients-per-round 5 --weighting uniform --peft lora"
 private+=" --local-epochs 2 --diagnostics off"
-dp="--dp-clip 2.8 --dp-noise-cohort 1000 --dp-population 100000 --dp-noise-seed {seed}"
+clip=4.6
+dp="--dp-clip $clip --dp-noise-cohort 1000 --dp-population 100000 --dp-noise-seed {seed}"
 declare -A level_flags=(
-    [none]="--dp-clip inf --dp-noise 0" [clip]="--dp-clip 2.8 --dp-noise 0"
+    [none]="--dp-clip inf --dp-noise 0" [clip]="--dp-clip $clip --dp-noise 0"
     [eps1]="$dp --dp-noise 0.8291" [eps3]="$dp --dp-noise 0.603" [eps8]="$dp --dp-noise 0.4089"
 )
-# The server optimizers STUDY=privacy-pilot tries, in two stages (docs/privacy.md): all
-# five without noise, then the two best of those (on validation) at each DP level. The
-# main privacy study uses, at each level, the pilot's best validation accuracy there
-# (clipping only takes no DP's). FedAdam was added after the first three learned nothing
-# in 10 rounds without noise.
-declare -A servers=(
-    [avgm]="--server-opt avgm --server-momentum 0.9"
-    [avgm-half]="--server-opt avgm --server-momentum 0.9 --server-lr 0.5"
-    [fedavg]="--server-opt fedavg"
-    [adam1e-2]="--server-opt adam --server-lr 1e-2"
-    [adam3e-2]="--server-opt adam --server-lr 3e-2"
-)
-pilot_dp_servers="adam1e-2 fedavg"  # stage 1: validation 0.673, 0.647 (next 0.600)
-declare -A server_of=([none]=adam1e-2 [clip]=adam1e-2 [eps1]=adam1e-2 [eps3]=adam1e-2 [eps8]=adam1e-2)
+# The server optimizers of STUDY=privacy-pilot, in two stages (docs/privacy.md): without
+# noise (client update norms recorded, for the clip), then at each DP level with A frozen.
+# The main privacy study uses, at each level, the pilot's best validation accuracy there;
+# clipping only takes no DP's.
+declare -A servers=([fedavg]="--server-opt fedavg" [adam1e-2]="--server-opt adam --server-lr 1e-2")
+declare -A server_of=([none]=fedavg [clip]=fedavg [eps1]=fedavg [eps3]=fedavg [eps8]=fedavg)
 privacy_arms=""
 for level in none clip eps1 eps3 eps8; do
     flags="${level_flags[$level]} ${servers[${server_of[$level]}]}"
@@ -98,12 +92,13 @@ for level in none clip eps1 eps3 eps8; do
     fi
 done
 privacy_pilot_arms=""
-for server in avgm avgm-half fedavg adam1e-2 adam3e-2; do
-    privacy_pilot_arms+=";none-$server:${level_flags[none]} ${servers[$server]}"
-done
-for level in eps1 eps3 eps8; do
-    for server in $pilot_dp_servers; do
-        privacy_pilot_arms+=";$level-$server:${level_flags[$level]} ${servers[$server]} --lora-freeze-a"
+for level in none eps1 eps3 eps8; do
+    for server in fedavg adam1e-2; do
+        if [[ "$level" == none ]]; then
+            privacy_pilot_arms+=";none-$server:${level_flags[none]} ${servers[$server]} --diagnostics norms"
+        else
+            privacy_pilot_arms+=";$level-$server:${level_flags[$level]} ${servers[$server]} --lora-freeze-a"
+        fi
     done
 done
 case "${STUDY:-main}" in
@@ -115,11 +110,11 @@ compression)
         5 640 1000 "$encoder")
     ;;
 privacy)
-    defaults=("1 2 3" 3e-3 10 study/privacy/runs study/privacy/report 400x8
+    defaults=("1 2 3" 3e-3 10 study/privacy/runs study/privacy/report 100x8
         "${privacy_arms#;}" 5 all 500 "$private")
     ;;
 privacy-pilot)
-    defaults=(0 3e-3 10 study/privacy/pilot/runs study/privacy/pilot/report 400x8
+    defaults=(0 3e-3 10 study/privacy/pilot/runs study/privacy/pilot/report 100x8
         "${privacy_pilot_arms#;}" 5 all 500 "$private")
     ;;
 *)
