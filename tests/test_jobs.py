@@ -372,7 +372,7 @@ def test_local_study_commands():
         out, seed = flag(command, "--output"), flag(command, "--seed")
         arm = out.split("lr3e-3-")[1].rsplit("-s", 1)[0]
         arms.setdefault(arm, set()).add(seed)
-        assert flag(command, "--peft") == "lora" and flag(command, "--clients-per-round") == "20"
+        assert flag(command, "--peft") == "lora" and flag(command, "--clients-per-round") == "5"
         if arm.startswith("eps"):  # reproducible noise, simulated cohorts, the calibrated z
             assert flag(command, "--dp-noise-seed") == seed
             assert ("--lora-freeze-a" in command) == arm.endswith("frozen-a")
