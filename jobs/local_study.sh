@@ -81,6 +81,8 @@ declare -A level_flags=(
 # The main privacy study uses, at each level, the pilot's best validation accuracy there;
 # clipping only takes no DP's.
 declare -A servers=([fedavg]="--server-opt fedavg" [adam1e-2]="--server-opt adam --server-lr 1e-2")
+# The pilot's best validation accuracy, FedAvg against FedAdam: no DP 0.767 / 0.693,
+# epsilon 1: 0.647 / 0.623, epsilon 3: 0.647 / 0.623, epsilon 8: 0.640 / 0.620.
 declare -A server_of=([none]=fedavg [clip]=fedavg [eps1]=fedavg [eps3]=fedavg [eps8]=fedavg)
 privacy_arms=""
 for level in none clip eps1 eps3 eps8; do
