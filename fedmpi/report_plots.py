@@ -41,7 +41,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from fedmpi.report_runs import Group  # noqa: E402
 
@@ -209,7 +209,9 @@ def privacy_utility(groups: list[Group], path: Path) -> Path:
             ax.scatter(eps, [s["p10"] for s in spreads], marker="v", label="clients, 10th pct")
     if finite:
         ax.set_xscale("log")
+        ax.set_xticks(sorted({round(_epsilon(g), 2) for g in finite}))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     unbounded = [g for g in groups if not math.isfinite(_epsilon(g))]
     for group, color in zip(unbounded, cycle(("green", "purple", "brown")), strict=False):
         mean, half = group.stat(lambda r: r.final_accuracy)
