@@ -58,7 +58,7 @@ study-compression: install
 	STUDY=compression FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
 
 ## The privacy study of docs/privacy.md (24 runs, about 1 h on 2 cores; resumable), after
-## its pilot (12 runs, about 30 min) has chosen the server optimizer per privacy level.
+## its pilot (8 runs, about 20 min) has chosen the server optimizer per privacy level.
 study-privacy: install
 	STUDY=privacy FEDMPI_PYTHON=$(PY) FEDMPI_MPIEXEC=$(MPIEXEC) jobs/local_study.sh
 
