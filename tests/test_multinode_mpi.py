@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -86,16 +87,23 @@ def launch(cluster: SimCluster, args: list[str]) -> subprocess.Popen:
 
 def signal_ranks(cluster: SimCluster, node: int, marker: str, signum: int) -> list[int]:
     """Send ``signum`` to the Python ranks on ``node`` whose command line holds ``marker``
-    (not to its MPI proxy: a lost node is its ranks dying)."""
-    victims = []
-    for pid in cluster.pids(cluster.nodes[node]):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if argv.startswith(sys.executable.encode()) and marker.encode() in argv:
-            os.kill(pid, signum)
-            victims.append(pid)
+    (not to its MPI proxy: a lost node is its ranks dying). Looks again for up to 10 s:
+    once, on a loaded machine, one of a node's two ranks was missing from one listing."""
+    victims: list[int] = []
+    deadline = time.monotonic() + 10
+    while True:
+        for pid in cluster.pids(cluster.nodes[node]):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            ours = argv.startswith(sys.executable.encode()) and marker.encode() in argv
+            if ours and pid not in victims:
+                os.kill(pid, signum)
+                victims.append(pid)
+        if len(victims) >= RANKS_PER_NODE or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(victims) == RANKS_PER_NODE, f"found ranks {victims} on node {node}"
     return victims
 
